@@ -1,0 +1,71 @@
+"""DALI webdataset index files: read the samples a tar holds, write an index for any subset of them.
+
+`fn.readers.webdataset` seeks through a tar using an index file (`v1.2 <count>` then one line per sample listing
+`<ext> <offset> <size> <name>` for each member). Writing our own index for a subset of samples is how the loader
+shards by rank, orders an epoch and drops samples known to be corrupt, all without touching the tars.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Sequence
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = "v1.2"
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One sample of a shard: which tar, its key and the index line that locates its members."""
+
+    tar: str
+    key: str
+    index_line: str
+
+
+def read_index(tar: str, index_path: str) -> List[SampleRef]:
+    """Samples of `tar` in stored order, as listed by its DALI index file."""
+    lines = Path(index_path).read_text().splitlines()
+    if not lines or not lines[0].startswith(INDEX_VERSION):
+        raise ValueError(f"{index_path}: not a DALI webdataset index ({INDEX_VERSION} header expected); "
+                         f"rebuild it with the packer or `wds2idx {tar} {index_path}`")
+    samples = [SampleRef(tar, _key_of(line, index_path), line) for line in lines[1:] if line.strip()]
+    declared = int(lines[0].split()[1])
+    if declared != len(samples):
+        raise ValueError(f"{index_path}: header declares {declared} samples but lists {len(samples)}; rebuild it")
+    return samples
+
+
+def read_shard_indexes(tars: Sequence[str], index_paths: Sequence[str]) -> List[List[SampleRef]]:
+    """Samples of every tar; a tar whose index cannot be read is logged and contributes no samples."""
+    if len(tars) != len(index_paths):
+        raise ValueError(f"got {len(tars)} tars but {len(index_paths)} index files; they must pair up")
+    per_tar = []
+    for tar, index_path in zip(tars, index_paths):
+        try:
+            if not Path(tar).is_file():
+                raise FileNotFoundError(f"shard {tar} does not exist")
+            per_tar.append(read_index(tar, index_path))
+        except (OSError, ValueError) as err:
+            log.error("skipping unreadable shard %s: %s", tar, err)
+            per_tar.append([])
+    return per_tar
+
+
+def write_index(samples: Iterable[SampleRef], index_path: str) -> None:
+    """Write an index listing `samples` (all from one tar) in the given order."""
+    lines = [s.index_line for s in samples]
+    Path(index_path).write_text(f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))
+
+
+def _key_of(index_line: str, index_path: str) -> str:
+    fields = index_line.split()
+    if len(fields) < 4 or len(fields) % 4:
+        raise ValueError(f"{index_path}: malformed line {index_line!r} (expected groups of 'ext offset size name')")
+    name = fields[3]
+    # as webdataset does: the key is everything before the first dot of the file name (folders included)
+    dot = name.find(".", name.rfind("/") + 1)
+    return name if dot < 0 else name[:dot]

@@ -1,0 +1,278 @@
+"""The iterators the trainer uses: `(clips, targets)` for training, `(clips, labels, video_ids)` for evaluation.
+
+Epochs and sharding: every epoch rebuilds the DALI pipeline with seed + epoch, after `epoch_plan` has put the
+tars in that epoch's order and cut this rank's contiguous part; the loader writes index files for exactly
+that part, so DALI reads it with num_shards=1. Training runs `len(loader)` = (samples // world) // batch steps on
+every rank (the tail is dropped, as DistributedSampler's drop_last); evaluation reads every sample of its part
+once (the padded tail of the last batch is cut off).
+
+Corrupt samples: DALI's video decoder raises from `pipeline.run()` and the whole batch is lost. The error names
+the sample ("<tar>:<offset>:<name>"), so the loader counts and logs it, then rebuilds the pipeline over the
+samples of its part not yet delivered this epoch, minus the bad one; nothing good is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_type
+
+from mae_st.config import DataConfig
+from mae_st.data.augment import ClipMixup, ClipRandomErasing, mixup_enabled
+from mae_st.data.epoch_plan import epoch_order, rank_part, train_steps_per_epoch
+from mae_st.data.format import SHARD_SUFFIX, index_name_for
+from mae_st.data.index import SampleRef, read_shard_indexes, write_index
+from mae_st.data.pipeline import ReaderSpec, build_eval_pipeline, build_train_pipeline
+
+log = logging.getLogger(__name__)
+
+MODES = ("pretrain", "finetune")
+# the bad-sample share is judged only once this many samples were read (one early failure is not "most")
+MIN_SAMPLES_FOR_BAD_FRACTION = 20
+_FAILED_SAMPLE = re.compile(r'"([^"]+?):(\d+):([^"]+)"')
+
+
+@dataclass
+class LoaderStats:
+    """What the loader did so far (across epochs): delivered and bad samples, time the trainer waited."""
+
+    samples: int = 0
+    bad_samples: int = 0
+    bad_keys: List[str] = field(default_factory=list)
+    wait_seconds: float = 0.0
+    pipeline_builds: int = 0
+
+
+def resolve_decode_device(cfg: DataConfig, device: torch.device) -> Optional[int]:
+    """CUDA device id to decode on (NVDEC via DALI "mixed"), or None for DALI's CPU backend."""
+    if cfg.decode_device not in ("auto", "gpu", "cpu"):
+        raise ValueError(f"DataConfig.decode_device={cfg.decode_device!r}: expected auto, gpu or cpu")
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    if cfg.decode_device == "gpu" and not cuda:
+        raise ValueError(f"DataConfig.decode_device='gpu' but the training device is {device} "
+                         f"(CUDA available: {torch.cuda.is_available()}); use 'auto' or 'cpu'")
+    if cfg.decode_device == "cpu" or not cuda:
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def shard_paths(spec: str) -> Tuple[List[str], List[str]]:
+    """Tars and their index files from a folder, glob or brace pattern (stand-in until ShardSet lands)."""
+    if os.path.isdir(spec):
+        tars = sorted(glob.glob(os.path.join(spec, "*" + SHARD_SUFFIX)))
+    else:
+        tars = sorted(path for pattern in _expand_braces(spec) for path in glob.glob(pattern))
+    if not tars:
+        raise FileNotFoundError(f"no shards ({SHARD_SUFFIX}) found for {spec!r}; point DataConfig.*_shards at "
+                                "the packer's output folder or a pattern like 'data/train-{000000..000009}.tar'")
+    return tars, [index_name_for(t) for t in tars]
+
+
+def _expand_braces(pattern: str) -> List[str]:
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not match:
+        return [pattern]
+    lo, hi = match.group(1), match.group(2)
+    return [p for i in range(int(lo), int(hi) + 1)
+            for p in _expand_braces(pattern[: match.start()] + str(i).zfill(len(lo)) + pattern[match.end():])]
+
+
+class VideoLoader:
+    """Runs one DALI pipeline per epoch over this rank's part and hands batches to PyTorch on `device`."""
+
+    def __init__(self, cfg: DataConfig, tars: Sequence[str], index_paths: Sequence[str], *, training: bool,
+                 mode: str, rank: int, world_size: int, device: torch.device, seed: int,
+                 dtype: torch.dtype, num_classes: int):
+        self.cfg, self.training, self.mode = cfg, training, mode
+        self.rank, self.world_size, self.device, self.seed, self.dtype = rank, world_size, device, seed, dtype
+        self.decode_device_id = resolve_decode_device(cfg, device)
+        self.per_tar = read_shard_indexes(tars, index_paths)
+        self.num_samples = sum(len(samples) for samples in self.per_tar)
+        if self.num_samples == 0:
+            raise ValueError(f"no readable samples in {len(tars)} shards (first: {tars[0] if tars else None})")
+        self.epoch = 0
+        self.stats = LoaderStats()
+        self._bad: set = set()  # (tar, key) of samples that failed to decode
+        self._index_dir = tempfile.TemporaryDirectory(prefix="mae_st_idx_")
+        self._erase, self._mixup = self._batch_augmentations(num_classes)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next `__iter__` follows (same seed + epoch -> same order)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.training:
+            return train_steps_per_epoch(self.num_samples, self.world_size, self.cfg.batch_size_per_gpu)
+        return math.ceil(len(self._part()) / self.cfg.batch_size_per_gpu)
+
+    def __iter__(self) -> Iterator[tuple]:
+        part = self._part()
+        remaining = self._undelivered(part)
+        builds = 0  # pipelines built this epoch: part of the seed, so an epoch replays exactly
+        pipe = self._build(remaining, builds)
+        step, steps = 0, len(self)
+        # training runs the fixed step count; evaluation runs until every sample of the part was delivered
+        while (step < steps) if self.training else remaining:
+            if not remaining:  # bad samples left too few for the fixed step count: start another pass
+                remaining = self._undelivered(part)
+                builds += 1
+                pipe = self._build(remaining, builds)
+            try:
+                started = time.perf_counter()
+                clips, meta = pipe.run()
+                self.stats.wait_seconds += time.perf_counter() - started
+            except RuntimeError as err:
+                self._record_bad_sample(err, remaining)
+                builds += 1
+                pipe = self._build(remaining, builds) if remaining else None
+                continue
+            metas = [json.loads(np.asarray(meta.at(i)).tobytes()) for i in range(len(meta))]
+            # evaluation pads the last batch by repeating a sample; the padding is cut off here
+            keep = len(metas) if self.training else min(len(metas), len(remaining))
+            for sample in metas[:keep]:
+                remaining.pop(sample["key"], None)
+            self.stats.samples += keep
+            step += 1
+            yield self._to_batch(clips, metas[:keep])
+        self._check_bad_fraction(final=True)
+
+    def close(self) -> None:
+        self._index_dir.cleanup()
+
+    # -- epoch bookkeeping -------------------------------------------------------------------------------------
+
+    def _part(self) -> List[SampleRef]:
+        order = epoch_order(self.per_tar, self.seed, self.epoch, shuffle=self.training)
+        return rank_part(order, self.rank, self.world_size)
+
+    def _undelivered(self, part: Sequence[SampleRef]) -> "OrderedDict[str, SampleRef]":
+        return OrderedDict((s.key, s) for s in part if (s.tar, s.key) not in self._bad)
+
+    def _build(self, remaining: "OrderedDict[str, SampleRef]", attempt: int):
+        """A fresh pipeline reading exactly `remaining` (in order), seeded by seed, epoch, rank and attempt."""
+        tars, index_paths = self._write_indexes(remaining.values())
+        seed = (self.seed * 1_000_003 + self.epoch * 10_007 + self.rank * 101 + attempt * 7) % 2**31
+        spec = ReaderSpec(tars=tars, index_paths=index_paths, batch_size=self.cfg.batch_size_per_gpu,
+                          device_id=self.decode_device_id, seed=seed, shuffle=self.training,
+                          initial_fill=self.cfg.shuffle_buffer, pad_last_batch=not self.training,
+                          half=self.dtype != torch.float32)
+        self.stats.pipeline_builds += 1
+        if self.training:
+            return build_train_pipeline(spec, self.cfg, self.mode)
+        return build_eval_pipeline(spec, self.cfg)
+
+    def _write_indexes(self, samples) -> Tuple[List[str], List[str]]:
+        by_tar: Dict[str, List[SampleRef]] = OrderedDict()
+        for sample in samples:
+            by_tar.setdefault(sample.tar, []).append(sample)
+        build_dir = os.path.join(self._index_dir.name, str(self.stats.pipeline_builds))
+        os.makedirs(build_dir)
+        index_paths = []
+        for i, (tar, tar_samples) in enumerate(by_tar.items()):
+            index_paths.append(os.path.join(build_dir, f"{i:06d}.idx"))
+            write_index(tar_samples, index_paths[-1])
+        return list(by_tar), index_paths
+
+    # -- corrupt samples ---------------------------------------------------------------------------------------
+
+    def _record_bad_sample(self, err: RuntimeError, remaining: "OrderedDict[str, SampleRef]") -> None:
+        sample = self._failed_sample(err, remaining)
+        if sample is None:
+            raise RuntimeError(f"DALI pipeline failed and the error names no sample of this rank's part, so it "
+                               f"cannot be skipped (epoch {self.epoch}, rank {self.rank}):\n{err}") from err
+        self._bad.add((sample.tar, sample.key))
+        remaining.pop(sample.key)
+        self.stats.bad_samples += 1
+        self.stats.bad_keys.append(sample.key)
+        log.warning("skipping undecodable sample %s in %s (%d bad so far): %s", sample.key, sample.tar,
+                    self.stats.bad_samples, _first_line_naming(err))
+        self._check_bad_fraction(final=False)
+
+    @staticmethod
+    def _failed_sample(err: RuntimeError, remaining: "OrderedDict[str, SampleRef]") -> Optional[SampleRef]:
+        for tar, _offset, name in _FAILED_SAMPLE.findall(str(err)):
+            dot = name.find(".", name.rfind("/") + 1)
+            sample = remaining.get(name if dot < 0 else name[:dot])
+            if sample is not None and os.path.abspath(sample.tar) == os.path.abspath(tar):
+                return sample
+        return None
+
+    def _check_bad_fraction(self, final: bool) -> None:
+        seen = self.stats.samples + self.stats.bad_samples
+        if not self.stats.bad_samples or (not final and seen < MIN_SAMPLES_FOR_BAD_FRACTION):
+            return
+        if self.stats.bad_samples > self.cfg.max_bad_sample_fraction * seen:
+            raise RuntimeError(
+                f"{self.stats.bad_samples} of {seen} samples read on rank {self.rank} could not be decoded "
+                f"(more than DataConfig.max_bad_sample_fraction={self.cfg.max_bad_sample_fraction}); "
+                f"first bad keys: {self.stats.bad_keys[:10]}. Check the shards (codec, truncation) and re-pack.")
+
+    # -- hand-off ----------------------------------------------------------------------------------------------
+
+    def _batch_augmentations(self, num_classes: int):
+        if not (self.training and self.mode == "finetune"):
+            return None, None
+        erase = ClipRandomErasing(self.cfg.reprob, self.cfg.remode, self.cfg.recount) if self.cfg.reprob > 0 else None
+        mixup = ClipMixup(self.cfg, num_classes) if mixup_enabled(self.cfg) else None
+        return erase, mixup
+
+    def _to_batch(self, clips, metas: List[dict]) -> tuple:
+        videos = _to_torch(clips, self.device)[: len(metas)]  # (B, clips per video, C, T, H, W)
+        per_video = videos.shape[1]
+        videos = videos.flatten(0, 1)
+        if self.dtype != videos.dtype:
+            videos = videos.to(self.dtype)
+        labels = torch.tensor([m["label"] for m in metas], dtype=torch.int64).repeat_interleave(per_video)
+        labels = labels.to(self.device, non_blocking=True)
+        if not self.training:
+            return videos, labels, [m["key"] for m in metas for _ in range(per_video)]
+        if self._erase is not None:
+            videos = self._erase(videos)
+        if self._mixup is not None:
+            return self._mixup(videos, labels)
+        return videos, labels
+
+
+def _to_torch(batch, device: torch.device) -> torch.Tensor:
+    """Copy a dense DALI batch into a torch tensor on DALI's device, then move it to `device` if needed."""
+    dense = batch.as_tensor()
+    on_gpu = hasattr(dense, "device_id")
+    target = torch.device("cuda", dense.device_id()) if on_gpu else torch.device("cpu")
+    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=target)
+    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(target) if on_gpu else None)
+    return out.to(device, non_blocking=True)
+
+
+def _first_line_naming(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if _FAILED_SAMPLE.search(line)]
+    return lines[0].strip() if lines else str(err).splitlines()[0]
+
+
+def build_train_loader(cfg: DataConfig, mode: str, num_classes: int, rank: int, world_size: int,
+                       device: torch.device, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> VideoLoader:
+    """Training iterator over DataConfig.train_shards yielding (clips (B*repeat_aug, C, T, H, W), targets)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    tars, index_paths = shard_paths(cfg.train_shards)
+    return VideoLoader(cfg, tars, index_paths, training=True, mode=mode, rank=rank, world_size=world_size,
+                       device=device, seed=seed, dtype=dtype, num_classes=num_classes)
+
+
+def build_eval_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.device, *,
+                      dtype: torch.dtype = torch.float32) -> VideoLoader:
+    """Multi-view evaluation iterator over DataConfig.val_shards yielding (clips, labels, video_ids)."""
+    tars, index_paths = shard_paths(cfg.val_shards)
+    return VideoLoader(cfg, tars, index_paths, training=False, mode="eval", rank=rank, world_size=world_size,
+                       device=device, seed=0, dtype=dtype, num_classes=0)

@@ -1,0 +1,197 @@
+"""DALI graphs: read shard samples, decode each video once, cut clips from it and augment them on the device.
+
+Per video the graph decodes all frames once (NVDEC through `device="mixed"` when there is a GPU, DALI's CPU
+decoder otherwise), reads the frame count from the decoded shape and selects every clip's frames with
+`fn.sequence_rearrange` (indices computed by native arithmetic, so no Python runs per sample). Each clip then
+gets its own spatial augmentation, and the clips of one video are stacked: a pipeline sample is
+(clips, C, T, H, W), so a batch flattens into (B * clips, C, T, H, W) without a copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
+import nvidia.dali.types as types
+from nvidia.dali import pipeline_def
+from nvidia.dali.auto_aug import rand_augment
+from nvidia.dali.pipeline import Pipeline
+
+from mae_st.config import DataConfig
+from mae_st.data.format import META_EXT, VIDEO_EXTS
+
+FINETUNE_SCALES = (0.08, 1.0)  # the original's finetuning crop area range
+VIDEO_EXT_SET = ";".join(VIDEO_EXTS)
+
+
+@dataclass
+class ReaderSpec:
+    """What one pipeline reads and where it runs: tars with their (subset) index files, batch, device, seed."""
+
+    tars: Sequence[str]
+    index_paths: Sequence[str]
+    batch_size: int
+    device_id: Optional[int]  # None: the CPU backend
+    seed: int
+    shuffle: bool
+    initial_fill: int = 1  # shuffle buffer (samples)
+    pad_last_batch: bool = False
+    half: bool = False  # emit float16 (halves device memory; the loader casts to bfloat16 when asked)
+
+
+@dataclass(frozen=True)
+class RandAugmentSpec:
+    """timm's "rand-m<M>-n<N>-..." string reduced to what DALI's rand_augment takes."""
+
+    magnitude: int
+    num_ops: int
+    num_magnitude_bins: int = 11  # timm magnitudes run 0..10
+
+    @classmethod
+    def parse(cls, aa: str) -> "RandAugmentSpec":
+        parts = aa.split("-")
+        if parts[0] != "rand":
+            raise ValueError(f"DataConfig.aa={aa!r}: only RandAugment strings ('rand-m7-n2-...') are supported")
+        magnitude, num_ops = 9, 2
+        for part in parts[1:]:
+            if part.startswith("m") and part[1:].isdigit():
+                magnitude = int(part[1:])
+            elif part.startswith("n") and part[1:].isdigit():
+                num_ops = int(part[1:])
+        return cls(magnitude=magnitude, num_ops=num_ops)
+
+
+def build_train_pipeline(spec: ReaderSpec, cfg: DataConfig, mode: str) -> Pipeline:
+    """Pretrain/finetune graph: outputs (clips (B, repeat_aug, C, T, H, W), padded JSON metadata bytes)."""
+    scales = FINETUNE_SCALES if mode == "finetune" else tuple(cfg.jitter_scales_relative)
+    rand_aug = RandAugmentSpec.parse(cfg.aa) if (mode == "finetune" and cfg.rand_aug) else None
+
+    @pipeline_def(enable_conditionals=rand_aug is not None)
+    def train_graph():
+        video, meta = _read(spec)
+        frames = _decode(video, spec.device_id)
+        count = _frame_count(frames)
+        clips = []
+        for _ in range(cfg.repeat_aug):
+            start = _random_start(count, cfg)
+            clip = fn.sequence_rearrange(frames, new_order=_clip_indices(start, count, cfg))
+            if rand_aug is not None:
+                clip = rand_augment.rand_augment(clip, n=rand_aug.num_ops, m=rand_aug.magnitude,
+                                                 num_magnitude_bins=rand_aug.num_magnitude_bins)
+            clip = fn.random_resized_crop(clip, size=(cfg.img_size, cfg.img_size), random_area=scales,
+                                          random_aspect_ratio=tuple(cfg.jitter_aspect_relative),
+                                          interp_type=types.INTERP_LINEAR, antialias=False)
+            clips.append(_normalize(clip, cfg, spec.half, mirror=fn.random.coin_flip(probability=0.5)))
+        return fn.stack(*clips), _pad_meta(meta)
+
+    return _instantiate(train_graph, spec, cfg)
+
+
+def build_eval_pipeline(spec: ReaderSpec, cfg: DataConfig) -> Pipeline:
+    """Multi-view graph: test_num_ensemble_views uniformly spaced clips x test_num_spatial_crops crops per video.
+
+    Views are ordered temporal-major (view v = temporal v // crops, spatial v % crops), as the original's
+    test loader. Frames are short-side resized to img_size and cropped left/centre/right (top/middle/bottom
+    for portrait video) like its `uniform_crop`.
+    """
+
+    @pipeline_def
+    def eval_graph():
+        video, meta = _read(spec)
+        frames = _decode(video, spec.device_id)
+        count = _frame_count(frames)
+        frames = fn.resize(frames, resize_shorter=cfg.img_size, interp_type=types.INTERP_LINEAR, antialias=True)
+        height, width = _frame_size(frames)
+        views = []
+        for t in range(cfg.test_num_ensemble_views):
+            start = _uniform_start(count, cfg, t)
+            clip = fn.sequence_rearrange(frames, new_order=_clip_indices(start, count, cfg))
+            for s in range(cfg.test_num_spatial_crops):
+                views.append(_normalize(clip, cfg, spec.half, crop_pos=_uniform_crop_pos(height, width, s, cfg)))
+        return fn.stack(*views), _pad_meta(meta)
+
+    return _instantiate(eval_graph, spec, cfg)
+
+
+def _instantiate(graph, spec: ReaderSpec, cfg: DataConfig) -> Pipeline:
+    pipe = graph(batch_size=spec.batch_size, num_threads=cfg.num_threads, device_id=spec.device_id,
+                 seed=spec.seed, prefetch_queue_depth=cfg.prefetch_queue_depth, exec_dynamic=True)
+    pipe.build()
+    return pipe
+
+
+def _read(spec: ReaderSpec):
+    return fn.readers.webdataset(
+        paths=list(spec.tars), index_paths=list(spec.index_paths), ext=[VIDEO_EXT_SET, META_EXT],
+        missing_component_behavior="skip", random_shuffle=spec.shuffle, initial_fill=max(1, spec.initial_fill),
+        pad_last_batch=spec.pad_last_batch, seed=spec.seed, name="reader")
+
+
+def _decode(video, device_id: Optional[int]):
+    return fn.decoders.video(video, device="cpu" if device_id is None else "mixed")
+
+
+def _frame_count(frames):
+    return frames.shape(dtype=types.INT32)[0]
+
+
+def _frame_size(frames):
+    shape = frames.shape(dtype=types.INT32)
+    return shape[1], shape[2]
+
+
+def _clip_span(cfg: DataConfig) -> int:
+    return (cfg.num_frames - 1) * cfg.sampling_rate + 1
+
+
+def _random_start(count, cfg: DataConfig):
+    """Uniform integer start in [0, max(count - span, 0)], the original's random temporal jitter."""
+    last_start = dmath.max(count - _clip_span(cfg), 0)
+    u = fn.random.uniform(range=[0.0, 1.0])
+    start = fn.cast(u * fn.cast(last_start + 1, dtype=types.FLOAT), dtype=types.INT32)
+    return dmath.min(start, last_start)
+
+
+def _uniform_start(count, cfg: DataConfig, view: int):
+    """Start of temporal view `view`: evenly spaced over the video, ends included (original's use_offset)."""
+    last_start = dmath.max(count - _clip_span(cfg), 0)
+    views = cfg.test_num_ensemble_views
+    if views == 1:
+        return last_start // 2
+    return (last_start // (views - 1)) * view
+
+
+def _clip_indices(start, count, cfg: DataConfig):
+    """Frames start, start + rate, ...; indices past the end repeat the last frame (edge padding)."""
+    offsets = types.Constant(np.arange(cfg.num_frames, dtype=np.int32) * cfg.sampling_rate)
+    return fn.cast(dmath.min(start + offsets, count - 1), dtype=types.INT32)
+
+
+def _uniform_crop_pos(height, width, spatial_idx: int, cfg: DataConfig):
+    """(x, y) crop anchors in 0..1: along the longer side 0, 0.5, 1 for crop 0, 1, 2; centred on the other."""
+    crops = cfg.test_num_spatial_crops
+    along = 0.5 if crops == 1 else spatial_idx / (crops - 1)
+    landscape = fn.cast(width >= height, dtype=types.FLOAT)
+    pos_x = landscape * along + (1.0 - landscape) * 0.5
+    pos_y = landscape * 0.5 + (1.0 - landscape) * along
+    return pos_x, pos_y
+
+
+def _normalize(clip, cfg: DataConfig, half: bool, mirror=None, crop_pos=None):
+    """uint8 FHWC -> float CFHW in (x/255 - mean) / std, with an optional flip and a square crop."""
+    kwargs = {}
+    if crop_pos is not None:
+        kwargs = dict(crop=(cfg.img_size, cfg.img_size), crop_pos_x=crop_pos[0], crop_pos_y=crop_pos[1])
+    if mirror is not None:
+        kwargs["mirror"] = mirror
+    return fn.crop_mirror_normalize(
+        clip, dtype=types.FLOAT16 if half else types.FLOAT, output_layout="CFHW",
+        mean=[255.0 * m for m in cfg.mean], std=[255.0 * s for s in cfg.std], **kwargs)
+
+
+def _pad_meta(meta):
+    # JSON bytes vary in length; padding with spaces (valid JSON whitespace) makes the batch dense
+    return fn.pad(meta, fill_value=ord(" "))
