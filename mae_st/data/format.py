@@ -64,6 +64,9 @@ class SampleMeta:
     segment: int = 0  # index of this piece when a long recording was split, else 0
     start_sec: float = 0.0
     end_sec: Optional[float] = None
+    # degrees counter-clockwise the stored frames must turn to display upright; the packer's transcode
+    # applies it (0), copy mode stores the original bytes and records it here
+    rotation: int = 0
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

@@ -1,0 +1,64 @@
+"""Run one job per child process, a few at a time, so a decoder that crashes or hangs costs only its own job.
+
+A pool of long-lived workers (concurrent.futures) breaks as a whole when one worker dies and cannot stop one
+stuck task; a fresh process per job can simply be killed or buried. Jobs are forked: that costs milliseconds
+(the decoder libraries are already loaded) and, unlike spawn/forkserver, does not re-run the caller's main
+script, so the Python API works from any script or notebook. A child only decodes and encodes, it never uses
+the parent's threads (tqdm, torch), which is what makes forking a threaded parent safe here.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import time
+from multiprocessing.connection import wait
+from typing import Callable, Dict, Optional, Sequence, TypeVar
+
+Job = TypeVar("Job")
+POLL_SECONDS = 0.5
+
+
+def run_isolated(jobs: Sequence[Job], target: Callable[[Job], None], *, workers: int, timeout: float,
+                 on_finish: Callable[[Job, Optional[str]], None]) -> None:
+    """Run `target(job)` for every job in its own process, at most `workers` at once. `on_finish(job, error)` is
+    called in this process as each ends: error is None on a clean exit, else "worker crashed ..." / "timed out ..."
+    (a job that overruns `timeout` seconds is killed). Ctrl-C kills the running jobs and re-raises."""
+    context = multiprocessing.get_context("fork")
+    pending = list(reversed(jobs))
+    running: Dict[int, tuple] = {}  # sentinel -> (process, job, deadline)
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop()
+                process = context.Process(target=target, args=(job,), daemon=True)
+                process.start()
+                running[process.sentinel] = (process, job, time.monotonic() + timeout)
+            ready = wait(list(running), timeout=POLL_SECONDS)
+            now = time.monotonic()
+            for sentinel in list(running):
+                process, job, deadline = running[sentinel]
+                if sentinel in ready:
+                    process.join()
+                    del running[sentinel]
+                    on_finish(job, _exit_problem(process.exitcode))
+                elif now > deadline:
+                    _kill(process)
+                    del running[sentinel]
+                    on_finish(job, f"timed out after {timeout:g} s (decoder hung or file too long for --timeout)")
+    finally:
+        for process, _, _ in running.values():
+            _kill(process)
+
+
+def _exit_problem(exitcode: int) -> Optional[str]:
+    if exitcode == 0:
+        return None
+    if exitcode < 0:
+        return f"worker crashed (killed by {signal.Signals(-exitcode).name})"
+    return f"worker crashed (exit code {exitcode})"
+
+
+def _kill(process) -> None:
+    process.kill()
+    process.join(5)

@@ -1,0 +1,103 @@
+"""Resolve a shard set (folder, brace pattern, glob or manifest.csv) into tars, index files and sample counts.
+
+The trainer defines an epoch by the total, and the DALI reader takes `tars` + `index_paths` as its
+`paths`/`index_paths`. Anything listed but missing is an error that names the file, never a silently smaller set.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence
+
+from braceexpand import braceexpand
+
+from mae_st.data.format import MANIFEST_NAME, SHARD_SUFFIX, index_name_for
+from mae_st.data.index import INDEX_VERSION
+
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """Tars of one set in order, the DALI index of each, and how many samples each holds."""
+
+    tars: List[str]
+    index_paths: List[str]
+    counts: List[int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def __len__(self) -> int:
+        return len(self.tars)
+
+
+def list_shards(spec: str) -> ShardSet:
+    """A folder (its manifest.csv if present, else every `*.tar`), a manifest.csv, or a brace/glob pattern
+    like `data/train-{000000..000009}.tar`; counts come from the manifest or the index files."""
+    if not spec:
+        raise ValueError("no shard set given: pass the packer's output folder, a manifest.csv or a pattern like "
+                         "'data/train-{000000..000009}.tar'")
+    if os.path.isdir(spec):
+        manifest = os.path.join(spec, MANIFEST_NAME)
+        if os.path.isfile(manifest):
+            return _from_manifest(manifest)
+        return _from_tars(sorted(glob.glob(os.path.join(glob.escape(spec), "*" + SHARD_SUFFIX))), spec)
+    if spec.endswith(".csv"):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"manifest {spec} not found")
+        return _from_manifest(spec)
+    return _from_tars(_expand_pattern(spec), spec)
+
+
+def read_index_count(index_path: str) -> int:
+    """Samples an index declares in its header line (`v1.2 <count>`)."""
+    with open(index_path) as f:
+        header = f.readline().split()
+    if len(header) != 2 or header[0] != INDEX_VERSION or not header[1].isdigit():
+        raise ValueError(f"{index_path}: not a DALI webdataset index ('{INDEX_VERSION} <count>' header expected); "
+                         "rebuild it with the packer or wds2idx")
+    return int(header[1])
+
+
+def _from_manifest(manifest: str) -> ShardSet:
+    with open(manifest, newline="") as f:
+        counts = Counter(row["shard"] for row in csv.DictReader(f))
+    if not counts:
+        raise ValueError(f"manifest {manifest} lists no samples")
+    folder = Path(manifest).parent
+    tars = [str(folder / name) for name in sorted(counts)]
+    shard_set = _from_tars(tars, manifest)
+    for tar, indexed in zip(shard_set.tars, shard_set.counts):
+        listed = counts[Path(tar).name]
+        if indexed != listed:
+            raise ValueError(f"shard {tar}: manifest {manifest} lists {listed} samples but its index has {indexed}; "
+                             "the folder mixes two packer runs, re-pack it")
+    return shard_set
+
+
+def _from_tars(tars: Sequence[str], spec: str) -> ShardSet:
+    if not tars:
+        raise FileNotFoundError(f"no shards ({SHARD_SUFFIX}) found for {spec!r}; pass the packer's output folder, "
+                                "a manifest.csv or a pattern like 'data/train-{000000..000009}.tar'")
+    index_paths = [index_name_for(tar) for tar in tars]
+    for tar, index_path in zip(tars, index_paths):
+        if not os.path.isfile(tar):
+            raise FileNotFoundError(f"shard {tar} listed by {spec!r} but not found")
+        if not os.path.isfile(index_path):
+            raise FileNotFoundError(f"index {index_path} of shard {tar} not found; re-run the packer on that folder "
+                                    f"or build it with `wds2idx {tar} {index_path}`")
+    return ShardSet(list(tars), index_paths, [read_index_count(p) for p in index_paths])
+
+
+def _expand_pattern(spec: str) -> List[str]:
+    paths: List[str] = []
+    for expanded in braceexpand(spec):
+        paths.extend(sorted(glob.glob(expanded)) if _GLOB_CHARS & set(expanded) else [expanded])
+    return paths
