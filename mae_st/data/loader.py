@@ -13,7 +13,6 @@ samples of its part not yet delivered this epoch, minus the bad one; nothing goo
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
@@ -32,9 +31,9 @@ from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_type
 from mae_st.config import DataConfig
 from mae_st.data.augment import ClipMixup, ClipRandomErasing, mixup_enabled
 from mae_st.data.epoch_plan import epoch_order, rank_part, train_steps_per_epoch
-from mae_st.data.format import SHARD_SUFFIX, index_name_for
 from mae_st.data.index import SampleRef, read_shard_indexes, write_index
 from mae_st.data.pipeline import ReaderSpec, build_eval_pipeline, build_train_pipeline
+from mae_st.data.shards import list_shards
 
 log = logging.getLogger(__name__)
 
@@ -66,27 +65,6 @@ def resolve_decode_device(cfg: DataConfig, device: torch.device) -> Optional[int
     if cfg.decode_device == "cpu" or not cuda:
         return None
     return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def shard_paths(spec: str) -> Tuple[List[str], List[str]]:
-    """Tars and their index files from a folder, glob or brace pattern (stand-in until ShardSet lands)."""
-    if os.path.isdir(spec):
-        tars = sorted(glob.glob(os.path.join(spec, "*" + SHARD_SUFFIX)))
-    else:
-        tars = sorted(path for pattern in _expand_braces(spec) for path in glob.glob(pattern))
-    if not tars:
-        raise FileNotFoundError(f"no shards ({SHARD_SUFFIX}) found for {spec!r}; point DataConfig.*_shards at "
-                                "the packer's output folder or a pattern like 'data/train-{000000..000009}.tar'")
-    return tars, [index_name_for(t) for t in tars]
-
-
-def _expand_braces(pattern: str) -> List[str]:
-    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if not match:
-        return [pattern]
-    lo, hi = match.group(1), match.group(2)
-    return [p for i in range(int(lo), int(hi) + 1)
-            for p in _expand_braces(pattern[: match.start()] + str(i).zfill(len(lo)) + pattern[match.end():])]
 
 
 class VideoLoader:
@@ -265,14 +243,14 @@ def build_train_loader(cfg: DataConfig, mode: str, num_classes: int, rank: int, 
     """Training iterator over DataConfig.train_shards yielding (clips (B*repeat_aug, C, T, H, W), targets)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
-    tars, index_paths = shard_paths(cfg.train_shards)
-    return VideoLoader(cfg, tars, index_paths, training=True, mode=mode, rank=rank, world_size=world_size,
+    shards = list_shards(cfg.train_shards)
+    return VideoLoader(cfg, shards.tars, shards.index_paths, training=True, mode=mode, rank=rank, world_size=world_size,
                        device=device, seed=seed, dtype=dtype, num_classes=num_classes)
 
 
 def build_eval_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.device, *,
                       dtype: torch.dtype = torch.float32) -> VideoLoader:
     """Multi-view evaluation iterator over DataConfig.val_shards yielding (clips, labels, video_ids)."""
-    tars, index_paths = shard_paths(cfg.val_shards)
-    return VideoLoader(cfg, tars, index_paths, training=False, mode="eval", rank=rank, world_size=world_size,
+    shards = list_shards(cfg.val_shards)
+    return VideoLoader(cfg, shards.tars, shards.index_paths, training=False, mode="eval", rank=rank, world_size=world_size,
                        device=device, seed=0, dtype=dtype, num_classes=0)
