@@ -6,8 +6,12 @@ receives only the part it needs (a `ModelConfig`, a `DataConfig`, ...), never an
 
 from __future__ import annotations
 
+import argparse
+import logging
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -116,6 +120,7 @@ class RunConfig:
     max_steps_per_epoch: int = 0  # 0: a full pass over the shards; >0 caps it (smoke runs, benchmarks)
     max_nonfinite_steps: int = 10  # consecutive NaN/inf losses tolerated before the run stops
     local_rank: int = -1
+    export: bool = False  # only write the consolidated weights of `resume` (or the last checkpoint) and exit
 
 
 @dataclass
@@ -124,3 +129,196 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---- command line -> JobConfig ------------------------------------------------------------------------------------
+
+# Finetuning departs from the (pretraining) dataclass defaults above in these fields, as the original's
+# main_finetune.py does; a flag given on the command line always wins.
+FINETUNE_DEFAULTS = {
+    "model.name": "vit_large_patch16",
+    "optim.blr": 1e-3,
+    "optim.min_lr": 1e-6,
+    "data.jitter_scales_relative": (0.08, 1.0),
+}
+
+# The original's flags that have no job in this design (DeepSpeed's launcher owns processes and devices, DALI
+# owns decoding threads); they are accepted so existing command lines keep working, and ignored with a note.
+IGNORED_FLAGS = {
+    "--pin_mem": "DALI hands batches over on the device",
+    "--no_pin_mem": "DALI hands batches over on the device",
+    "--num_workers": "decoding threads are DataConfig.num_threads (DALI)",
+    "--dist_on_itp": "the DeepSpeed launcher sets up processes",
+    "--no_env": "the DeepSpeed launcher sets up processes",
+    "--distributed": "the DeepSpeed launcher sets up processes",
+    "--world_size": "the DeepSpeed launcher sets the world size (--num_gpus/--num_nodes/hostfile)",
+    "--dist_url": "the DeepSpeed launcher sets up processes",
+    "--device": "each rank uses its DeepSpeed accelerator device",
+    "--log_dir": "logs go to --output_dir (log.jsonl, tensorboard/)",
+    "--start_epoch": "--resume restores the epoch",
+    "--dist_eval": "evaluation is always distributed",
+    "--cpu_mix": "mixup runs on the training device",
+    "--color_jitter": "not used by the video augmentation",
+    "--resplit": "not used by the video augmentation",
+}
+_TAKES_VALUE = {"--num_workers", "--world_size", "--dist_url", "--device", "--log_dir", "--start_epoch",
+                "--color_jitter"}
+
+
+class ConfigError(ValueError):
+    """A flag value (or combination) that cannot run; the message names the flag and what to do."""
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The train.py command line: the original's flag names (and aliases) plus DeepSpeed/shard-specific ones."""
+    p = argparse.ArgumentParser(
+        prog="train.py", usage="deepspeed train.py --mode {pretrain,finetune} [options]  (--help lists them)",
+        description="MAE-ST pretraining and finetuning on DeepSpeed.",
+    )
+    p.add_argument("--mode", dest="run.mode", choices=("pretrain", "finetune"), required=True)
+
+    m = p.add_argument_group("model")
+    _value(m, "--model", "model.name", str)
+    for name in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "t_patch_size", "pred_t_dim",
+                 "num_classes"):
+        _value(m, f"--{name}", f"model.{name}", int)
+    for name in ("mask_ratio", "drop_path_rate", "dropout"):
+        _value(m, f"--{name}", f"model.{name}", float)
+    for name in ("norm_pix_loss", "sep_pos_embed", "cls_embed", "trunc_init", "grad_checkpointing"):
+        _switch(m, name, f"model.{name}")
+    m.add_argument("--no_qkv_bias", dest="model.no_qkv_bias", action="store_const", const=True, default=None)
+    m.add_argument("--global_pool", dest="model.global_pool", action="store_const", const=True, default=None)
+    m.add_argument("--cls_token", dest="model.global_pool", action="store_const", const=False, default=None,
+                   help="classify from the cls token instead of average pooling")
+
+    d = p.add_argument_group("data")
+    _value(d, "--train_shards", "data.train_shards", str,
+           help="packed shard folder / pattern / manifest, or synthetic:N for N generated clips")
+    _value(d, "--val_shards", "data.val_shards", str)
+    _value(d, "--batch_size_per_gpu", "data.batch_size_per_gpu", int, aliases=("--batch_size",),
+           help="videos per GPU and micro-step; clips = this * --repeat_aug")
+    _value(d, "--img_size", "data.img_size", int, aliases=("--input_size",))
+    for name in ("num_frames", "sampling_rate", "repeat_aug", "num_threads", "recount", "test_num_ensemble_views",
+                 "test_num_spatial_crops"):
+        _value(d, f"--{name}", f"data.{name}", int)
+    for name in ("reprob", "mixup", "cutmix", "smoothing", "mixup_prob", "mixup_switch_prob"):
+        _value(d, f"--{name}", f"data.{name}", float)
+    for name in ("aa", "remode", "mixup_mode"):
+        _value(d, f"--{name}", f"data.{name}", str)
+    _value(d, "--decode_device", "data.decode_device", str, choices=("auto", "gpu", "cpu"))
+    for name in ("jitter_scales_relative", "jitter_aspect_relative", "cutmix_minmax"):
+        _value(d, f"--{name}", f"data.{name}", float, nargs=2)
+    _switch(d, "rand_aug", "data.rand_aug")
+
+    o = p.add_argument_group("optimisation")
+    for name in ("epochs", "accum_iter"):
+        _value(o, f"--{name}", f"optim.{name}", int)
+    for name in ("warmup_epochs", "lr", "blr", "min_lr", "weight_decay", "layer_decay", "clip_grad"):
+        _value(o, f"--{name}", f"optim.{name}", float)
+    _value(o, "--beta", "optim.betas", float, nargs=2, help="AdamW betas")
+    _switch(o, "bias_wd", "optim.bias_wd")
+
+    r = p.add_argument_group("run")
+    for name in ("output_dir", "save_prefix", "resume", "finetune", "ds_config"):
+        _value(r, f"--{name}", f"run.{name}", str)
+    for name in ("seed", "zero_stage", "checkpoint_period", "save_every_steps", "log_interval",
+                 "max_steps_per_epoch", "max_nonfinite_steps", "local_rank"):
+        _value(r, f"--{name}", f"run.{name}", int)
+    _value(r, "--num_checkpoint_del", "run.keep_checkpoints", int, help="keep only the newest N checkpoints")
+    r.add_argument("--eval", dest="run.eval_only", action="store_const", const=True, default=None,
+                   help="only evaluate (--finetune weights or --resume checkpoint) on --val_shards")
+    r.add_argument("--export", dest="run.export", action="store_const", const=True, default=None,
+                   help="only write the consolidated fp32 weights of --resume (default: latest) and exit")
+    r.add_argument("--path_to_data_dir", dest="path_to_data_dir", default=None, help=argparse.SUPPRESS)
+
+    ignored = p.add_argument_group("accepted for compatibility, ignored")
+    for flag in IGNORED_FLAGS:
+        if flag in _TAKES_VALUE:
+            ignored.add_argument(flag, dest=f"ignored{flag}", default=None, help=argparse.SUPPRESS)
+        else:
+            ignored.add_argument(flag, dest=f"ignored{flag}", action="store_const", const=True, default=None,
+                                 help=argparse.SUPPRESS)
+    return p
+
+
+def parse_job_config(argv: Optional[Sequence[str]] = None) -> JobConfig:
+    """The one place the command line becomes a `JobConfig`; a bad flag or combination exits with one error line."""
+    parser = build_arg_parser()
+    args = vars(parser.parse_args(argv))
+    if args.pop("path_to_data_dir") is not None:
+        parser.error("--path_to_data_dir: this trainer reads packed shards; pack the videos with "
+                     "tools/shard_videos.py and pass --train_shards/--val_shards")
+    for flag in IGNORED_FLAGS:
+        if args.pop(f"ignored{flag}") is not None:
+            log.warning("%s is accepted for compatibility and ignored: %s", flag, IGNORED_FLAGS[flag])
+    cfg = JobConfig()
+    given = {k: v for k, v in args.items() if v is not None}
+    values = {**(FINETUNE_DEFAULTS if given["run.mode"] == "finetune" else {}), **given}
+    for dotted, value in values.items():
+        section, name = dotted.split(".")
+        setattr(getattr(cfg, section), name, tuple(value) if isinstance(value, list) else value)
+    try:
+        validate_job_config(cfg)
+    except ConfigError as err:
+        parser.error(str(err))
+    return cfg
+
+
+def validate_job_config(cfg: JobConfig) -> None:
+    """Raises ConfigError, naming the flag, for values and combinations that cannot run."""
+    from mae_st.models import list_models, model_family  # lazy: the model registry imports this module
+
+    run, model, data, optim = cfg.run, cfg.model, cfg.data, cfg.optim
+    if model.name not in list_models():
+        raise ConfigError(f"--model {model.name}: unknown; choose one of {', '.join(list_models())}")
+    family = model_family(model.name)
+    if run.mode == "pretrain" and family != "mae":
+        raise ConfigError(f"--model {model.name} is a classifier; --mode pretrain needs an MAE model "
+                          f"({', '.join(list_models('mae'))})")
+    if run.mode == "finetune" and family != "classifier":
+        raise ConfigError(f"--model {model.name} is an MAE model; --mode finetune needs a classifier "
+                          f"({', '.join(list_models('classifier'))})")
+    if not 0.0 < model.mask_ratio < 1.0:
+        raise ConfigError(f"--mask_ratio {model.mask_ratio}: must be strictly between 0 and 1")
+    if data.num_frames % model.t_patch_size:
+        raise ConfigError(f"--num_frames {data.num_frames} is not divisible by --t_patch_size {model.t_patch_size}")
+    if run.mode == "pretrain" and (model.pred_t_dim > data.num_frames
+                                   or (model.t_patch_size * model.pred_t_dim) % data.num_frames):
+        raise ConfigError(f"--pred_t_dim {model.pred_t_dim}: must be <= --num_frames {data.num_frames} and "
+                          "--t_patch_size x --pred_t_dim a multiple of --num_frames (e.g. --pred_t_dim = num_frames / 2)")
+    for flag, value in (("--batch_size_per_gpu", data.batch_size_per_gpu), ("--repeat_aug", data.repeat_aug),
+                        ("--accum_iter", optim.accum_iter), ("--epochs", optim.epochs),
+                        ("--num_frames", data.num_frames), ("--img_size", data.img_size),
+                        ("--log_interval", run.log_interval), ("--num_checkpoint_del", run.keep_checkpoints),
+                        ("--checkpoint_period", run.checkpoint_period)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: must be >= 1")
+    if optim.warmup_epochs < 0 or optim.warmup_epochs > optim.epochs:
+        raise ConfigError(f"--warmup_epochs {optim.warmup_epochs}: must be in [0, --epochs {optim.epochs}]")
+    if not 0.0 < optim.layer_decay <= 1.0:
+        raise ConfigError(f"--layer_decay {optim.layer_decay}: must be in (0, 1]")
+    if optim.clip_grad is not None and optim.clip_grad <= 0:
+        raise ConfigError(f"--clip_grad {optim.clip_grad}: must be > 0 (leave it out to not clip)")
+    if run.zero_stage is not None and run.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"--zero_stage {run.zero_stage}: must be 0, 1, 2 or 3")
+    if run.eval_only and run.mode != "finetune":
+        raise ConfigError("--eval evaluates a classifier: use it with --mode finetune")
+    if run.eval_only and not (run.finetune or run.resume):
+        raise ConfigError("--eval needs weights: pass --finetune <weights> or --resume <checkpoint|auto>")
+    if not (run.eval_only or run.export) and not data.train_shards:
+        raise ConfigError("--train_shards is missing: pass the packed training shards (or synthetic:N)")
+    if run.mode == "finetune" and not run.export and not data.val_shards:
+        raise ConfigError("--val_shards is missing: finetuning evaluates on it every epoch")
+    if run.mode == "pretrain" and (data.mixup > 0 or data.cutmix > 0):
+        raise ConfigError("--mixup/--cutmix apply to finetuning only (--mode finetune)")
+
+
+def _value(group, flag: str, dest: str, type_, aliases: Tuple[str, ...] = (), **kwargs) -> None:
+    group.add_argument(flag, *aliases, dest=dest, type=type_, default=None, **kwargs)
+
+
+def _switch(group, name: str, dest: str) -> None:
+    """--name / --no_name for a boolean whose default lives in the dataclass."""
+    group.add_argument(f"--{name}", dest=dest, action="store_const", const=True, default=None)
+    group.add_argument(f"--no_{name}", dest=dest, action="store_const", const=False, default=None,
+                       help=argparse.SUPPRESS)

@@ -1,0 +1,124 @@
+"""DeepSpeed checkpoints (resumable state) and the consolidated fp32 export (weights for --finetune / PyTorch).
+
+Layout under <output_dir>/checkpoints/: one DeepSpeed tag folder per save, named step<global micro-step>. A
+folder counts as complete only once rank 0 wrote COMPLETE_MARKER into it after every rank finished saving, so a
+save cut short by a kill is never resumed from (and is removed by the next save).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from deepspeed.utils import safe_get_full_fp32_param
+from safetensors.torch import save_file
+
+from mae_st.engine.distributed import barrier
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "checkpoints"
+COMPLETE_MARKER = "complete.json"
+_TAG = re.compile(r"^step(\d+)$")
+
+
+def checkpoint_root(output_dir: str) -> Path:
+    return Path(output_dir) / CHECKPOINT_SUBDIR
+
+
+def tag_for(global_step: int) -> str:
+    return f"step{global_step:09d}"
+
+
+def complete_tags(root: Path) -> List[str]:
+    """Tags of the complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if _TAG.match(p.name) and (p / COMPLETE_MARKER).is_file()]
+    return sorted(tags, key=lambda t: int(_TAG.match(t).group(1)))
+
+
+def resolve_resume(resume: str, output_dir: str) -> Optional[Tuple[Path, str]]:
+    """(checkpoint root, tag) to resume from: "auto" -> the newest complete one in output_dir (None if there is
+    none yet, a fresh start); a tag folder path -> that one, which must be complete."""
+    if not resume:
+        return None
+    if resume == "auto":
+        tags = complete_tags(checkpoint_root(output_dir))
+        return (checkpoint_root(output_dir), tags[-1]) if tags else None
+    folder = Path(resume)
+    if not (folder / COMPLETE_MARKER).is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE_MARKER}); "
+                                f"pass a {checkpoint_root(output_dir)}/step* folder or --resume auto")
+    return folder.parent, folder.name
+
+
+def save_checkpoint(engine, output_dir: str, global_step: int, client_state: Dict[str, Any], keep: int,
+                    is_main: bool) -> Path:
+    """Saves on every rank (collective), marks the save complete, and keeps only the newest `keep` ones."""
+    root, tag = checkpoint_root(output_dir), tag_for(global_step)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    barrier()
+    if is_main:
+        _write_json_atomically(root / tag / COMPLETE_MARKER, client_state)
+        _prune(root, keep)
+    barrier()
+    log.info("saved checkpoint %s", root / tag)
+    return root / tag
+
+
+def load_checkpoint(engine, root: Path, tag: str) -> Dict[str, Any]:
+    """Restores model, optimizer and engine counters; returns the client state saved with them."""
+    path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    if path is None:
+        raise FileNotFoundError(f"could not load checkpoint {root / tag}")
+    log.info("resumed from %s", path)
+    return client_state
+
+
+def consolidated_fp32_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Full fp32 weights on the CPU, gathered from ZeRO partitions / fp32 master copies (collective: call on
+    every rank; only rank 0 needs the result, but every rank gets it)."""
+    state: Dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        full = safe_get_full_fp32_param(param)  # the optimizer's fp32 master copy under ZeRO / bf16
+        state[name] = (full if full is not None else param.detach()).float().cpu().clone()
+    for name, buffer in model.named_buffers():
+        state[name] = buffer.detach().float().cpu().clone()
+    return state
+
+
+def export_weights(model: nn.Module, path: Path, is_main: bool, metadata: Dict[str, str]) -> None:
+    """Writes the consolidated fp32 weights as one safetensors file (collective)."""
+    state = consolidated_fp32_state_dict(model)
+    if is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+        log.info("exported fp32 weights (%d tensors) to %s", len(state), path)
+    barrier()
+
+
+def _prune(root: Path, keep: int) -> None:
+    complete = complete_tags(root)
+    stale = complete[:-keep]
+    newest = int(_TAG.match(complete[-1]).group(1)) if complete else -1
+    # incomplete folders older than the newest complete save are leftovers of a killed save
+    leftovers = [p.name for p in root.iterdir()
+                 if _TAG.match(p.name) and p.name not in complete and int(_TAG.match(p.name).group(1)) < newest]
+    for tag in stale + leftovers:
+        shutil.rmtree(root / tag, ignore_errors=True)
+
+
+def _write_json_atomically(path: Path, payload: Dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)

@@ -1,0 +1,95 @@
+"""Run observability on rank 0: a tqdm bar, `<output_dir>/log.jsonl` records, TensorBoard when installed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+LOG_NAME = "log.jsonl"
+
+
+class IntervalMeter:
+    """Accumulates one logging interval: mean loss, clips/s and the share of wall time spent waiting for data."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.started = time.perf_counter()
+        self.loss_sum, self.losses, self.clips, self.data_wait = 0.0, 0, 0, 0.0
+
+    def add(self, loss: float, clips: int, data_wait: float) -> None:
+        if math.isfinite(loss):
+            self.loss_sum, self.losses = self.loss_sum + loss, self.losses + 1
+        self.clips += clips
+        self.data_wait += data_wait
+
+    def summary(self, world_size: int) -> Dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return {
+            "loss": self.loss_sum / self.losses if self.losses else float("nan"),
+            "clips_per_s": self.clips * world_size / elapsed,  # every rank runs the same step count
+            "data_wait_frac": min(self.data_wait / elapsed, 1.0),
+        }
+
+
+class RunLogger:
+    """Writes records only on the main rank; other ranks hold a no-op logger."""
+
+    def __init__(self, output_dir: str, is_main: bool, resumed: bool):
+        self.is_main = is_main
+        self.bar: Optional[tqdm] = None
+        self._file = None
+        self._tb = None
+        if not is_main:
+            return
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        self._file = open(Path(output_dir) / LOG_NAME, "a" if resumed else "w")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            log.info("tensorboard is not installed; logging to %s only", LOG_NAME)
+        else:
+            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def start_epoch(self, epoch: int, total: int, done: int) -> None:
+        if self.is_main:
+            self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch}", dynamic_ncols=True, mininterval=1.0)
+
+    def advance(self, postfix: Dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def end_epoch(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def write(self, record: Dict[str, Any]) -> None:
+        """One JSON line (and TensorBoard scalars under `kind/name`, x = global step)."""
+        if not self.is_main:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            kind, step = record.get("kind", "train"), record.get("global_step", 0)
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("global_step", "kind"):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        self.end_epoch()
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()

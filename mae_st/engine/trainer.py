@@ -1,0 +1,234 @@
+"""The training loop on a DeepSpeed engine: steps, lr schedule, non-finite loss skipping, checkpoints on schedule
+or SIGTERM, and multi-view evaluation for finetuning.
+
+Position bookkeeping counts micro-batches (what the data iterator delivered); DeepSpeed counts optimizer steps.
+A run resumes at (epoch, step_in_epoch) by re-iterating that epoch's order and skipping what was consumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from mae_st.config import JobConfig
+from mae_st.data.views import MultiViewAggregator
+from mae_st.engine.checkpoint import save_checkpoint
+from mae_st.engine.distributed import DistEnv, any_rank, seed_step
+from mae_st.engine.metrics import IntervalMeter, RunLogger
+from mae_st.engine.schedule import apply_lr, lr_at
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss stayed NaN/inf for too many consecutive steps."""
+
+
+class RunStopped(SystemExit):
+    """Raised after the checkpoint a SIGTERM asked for is written; exits with 128 + SIGTERM."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved with every checkpoint as DeepSpeed client state."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    global_step: int = 0  # micro-batches consumed since the start of the run
+    skipped_steps: int = 0  # micro-batches dropped for a non-finite loss
+    best_acc1: float = -1.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: Dict[str, Any]) -> "TrainState":
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+
+
+class StopSignal:
+    """Remembers a SIGTERM so the loop can checkpoint at the next optimizer step instead of dying mid-save."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("SIGTERM received: saving a checkpoint at the next optimizer step, then stopping")
+        self.requested = True
+
+
+def build_loss_fn(mode: str, smoothing: float) -> LossFn:
+    """pretrain: the MAE's own reconstruction loss; finetune: cross-entropy on hard (smoothed) or mixed targets."""
+    if mode == "pretrain":
+        return lambda engine, clips, targets: engine(clips)[0]
+
+    def classification_loss(engine, clips: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = engine(clips).float()
+        if targets.ndim == 2:  # mixup/cutmix soft targets already carry the smoothing
+            return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits, targets, label_smoothing=smoothing)
+
+    return classification_loss
+
+
+class Trainer:
+    """Runs epochs of micro-steps on `engine`; owns the schedule, skipping and save policy."""
+
+    def __init__(self, engine, cfg: JobConfig, env: DistEnv, loss_fn: LossFn, logger: RunLogger,
+                 peak_lr: float, steps_per_epoch: int, stop: StopSignal):
+        self.engine, self.cfg, self.env, self.loss_fn, self.logger = engine, cfg, env, loss_fn, logger
+        self.peak_lr, self.steps_per_epoch, self.stop = peak_lr, steps_per_epoch, stop
+        self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+        self.nonfinite_streak = 0
+        self.save_pending = False
+
+    # ---- training ----------------------------------------------------------------------------------------------
+
+    def train_epoch(self, loader: Iterable, state: TrainState) -> None:
+        """Runs the rest of `state.epoch` (from state.step_in_epoch) and leaves state at the next epoch's start."""
+        run, total = self.cfg.run, self.steps_per_epoch
+        self.engine.train()
+        batches = self._batches_from(loader, state)
+        meter = IntervalMeter()
+        self.logger.start_epoch(state.epoch, total, state.step_in_epoch)
+        while state.step_in_epoch < total:
+            started = time.perf_counter()
+            clips, targets = next(batches)
+            data_wait = time.perf_counter() - started
+            lr = self._set_lr(state)
+            loss = self._micro_step(clips, targets, state)
+            meter.add(loss, clips.shape[0], data_wait)
+            state.step_in_epoch += 1
+            state.global_step += 1
+            self.logger.advance({"loss": loss, "lr": lr})
+            if state.global_step % run.log_interval == 0 or state.step_in_epoch == total:
+                self._log_interval(meter, state, lr)
+            if run.save_every_steps and state.global_step % run.save_every_steps == 0:
+                self.save_pending = True
+            if state.step_in_epoch < total:  # the epoch's last step is saved by `save_at_epoch_end`
+                self._save_if_due(state)
+        state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        self.logger.end_epoch()
+
+    def save_at_epoch_end(self, state: TrainState) -> None:
+        """Call after the epoch's evaluation, so the saved state includes its result."""
+        epoch_due = state.epoch % self.cfg.run.checkpoint_period == 0 or state.epoch == self.cfg.optim.epochs
+        self.save_pending = self.save_pending or epoch_due
+        self._save_if_due(state)
+
+    def _batches_from(self, loader: Iterable, state: TrainState) -> Iterator:
+        """This epoch's batches, after skipping the ones a resumed run already consumed."""
+        loader.set_epoch(state.epoch)
+        batches = iter(loader)
+        for _ in range(state.step_in_epoch):
+            next(batches)
+        return batches
+
+    def _set_lr(self, state: TrainState) -> float:
+        lr = lr_at(state.epoch + state.step_in_epoch / self.steps_per_epoch, self.peak_lr, self.cfg.optim)
+        apply_lr(self.engine.optimizer, lr)
+        return lr
+
+    def _micro_step(self, clips: torch.Tensor, targets: torch.Tensor, state: TrainState) -> float:
+        """Forward, then backward + step unless any rank's loss is non-finite; returns the loss (nan if skipped)."""
+        seed_step(self.cfg.run.seed, self.env.rank, state.global_step)
+        loss = self.loss_fn(self.engine, clips.to(self.dtype), targets)
+        flags = any_rank(torch.stack([~torch.isfinite(loss.detach()), torch.tensor(self.stop.requested,
+                                                                                   device=loss.device)]))
+        if flags[1]:
+            self.stop.requested = True  # one rank was signalled: all of them stop together
+        if flags[0]:
+            # with ZeRO the step is collective: skipping backward and step on every rank keeps them in lockstep
+            self._count_nonfinite(state)
+            return float("nan")
+        self.nonfinite_streak = 0
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.item()
+
+    def _count_nonfinite(self, state: TrainState) -> None:
+        state.skipped_steps += 1
+        self.nonfinite_streak += 1
+        log.warning("non-finite loss at step %d (epoch %d): skipped (%d in a row, %d in total)",
+                    state.global_step, state.epoch, self.nonfinite_streak, state.skipped_steps)
+        if self.nonfinite_streak > self.cfg.run.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"the loss was NaN/inf for {self.nonfinite_streak} consecutive steps (limit "
+                f"RunConfig.max_nonfinite_steps={self.cfg.run.max_nonfinite_steps}) at step {state.global_step}; "
+                "stopping. The last good checkpoint is kept; lower --blr/--lr, set --clip_grad, or check the data.")
+
+    def _log_interval(self, meter: IntervalMeter, state: TrainState, lr: float) -> None:
+        record = {"kind": "train", "epoch": state.epoch, "step": state.step_in_epoch,
+                  "global_step": state.global_step, "lr": lr, **meter.summary(self.env.world_size),
+                  "grad_norm": _finite_or_none(self.engine.get_global_grad_norm()),
+                  "skipped_steps": state.skipped_steps}
+        self.logger.write(record)
+        meter.reset()
+
+    def _save_if_due(self, state: TrainState) -> None:
+        """Saves when a save is due or SIGTERM arrived, but only between optimizer steps: DeepSpeed does not
+        checkpoint a half-accumulated gradient."""
+        if not (self.save_pending or self.stop.requested) or not self._at_optimizer_boundary():
+            return
+        save_checkpoint(self.engine, self.cfg.run.output_dir, state.global_step, self.client_state(state),
+                        self.cfg.run.keep_checkpoints, self.env.is_main)
+        self.save_pending = False
+        if self.stop.requested:
+            log.warning("stopped by SIGTERM after saving step %d; continue with --resume auto", state.global_step)
+            raise RunStopped()
+
+    def _at_optimizer_boundary(self) -> bool:
+        return self.engine.micro_steps % self.engine.gradient_accumulation_steps() == 0
+
+    def client_state(self, state: TrainState) -> Dict[str, Any]:
+        return {**state.to_dict(), "config": dataclasses.asdict(self.cfg)}
+
+    # ---- evaluation --------------------------------------------------------------------------------------------
+
+    def evaluate(self, loader: Iterable, num_classes: int) -> Dict[str, float]:
+        metrics = evaluate(self.engine, loader, num_classes, self.env.device, self.dtype)
+        self.engine.train()
+        return metrics
+
+
+@torch.no_grad()
+def evaluate(engine, loader: Iterable, num_classes: int, device: torch.device, dtype: torch.dtype) -> Dict[str, float]:
+    """Multi-view top-1/top-5 over all ranks' videos. With ZeRO-3 every forward is collective, so ranks that ran
+    out of batches keep forwarding their last one (discarded) until every rank is done."""
+    engine.eval()
+    aggregator = MultiViewAggregator(num_classes)
+    batches, last = iter(loader), None
+    while True:
+        batch = next(batches, None)
+        if not any_rank(torch.tensor([batch is not None], device=device))[0]:
+            break
+        if batch is None and last is None:
+            raise RuntimeError("this rank has no evaluation videos while others do; use fewer ranks or more videos")
+        clips = (batch or last)[0]
+        logits = engine(clips.to(dtype))
+        if batch is not None:
+            aggregator.update(logits, batch[1], batch[2])
+            last = batch
+    aggregator.all_gather()
+    return aggregator.accuracy()
+
+
+def _finite_or_none(value) -> Optional[float]:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None

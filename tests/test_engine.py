@@ -1,0 +1,160 @@
+"""Engine pieces without a launch: flags -> config, param groups, layer decay, lr schedule, DeepSpeed JSON
+filling, checkpoint selection, pretrained-weight errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from safetensors.torch import save_file
+
+from mae_st.config import ConfigError, OptimConfig, parse_job_config
+from mae_st.engine.checkpoint import COMPLETE_MARKER, checkpoint_root, resolve_resume, tag_for
+from mae_st.engine.ds_config import default_ds_config_path, fill_ds_config, load_ds_config
+from mae_st.engine.optim import build_param_groups, layer_id
+from mae_st.engine.schedule import base_lr, effective_batch, lr_at
+from mae_st.models import create_model
+
+PRETRAIN = ["--mode", "pretrain", "--model", "mae_vit_tiny_patch8", "--train_shards", "synthetic:8", "--num_frames", "8"]
+
+
+def error_line(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_job_config(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ---- flags -----------------------------------------------------------------------------------------------------
+
+def test_original_flags_and_aliases_fill_the_config(caplog):
+    cfg = parse_job_config(PRETRAIN + ["--batch_size", "3", "--input_size", "112", "--beta", "0.9", "0.99",
+                                       "--num_checkpoint_del", "5", "--no_norm_pix_loss", "--num_workers", "8",
+                                       "--pin_mem", "--dist_on_itp", "--clip_grad", "0.02", "--local_rank=1"])
+    assert cfg.data.batch_size_per_gpu == 3 and cfg.data.img_size == 112
+    assert cfg.optim.betas == (0.9, 0.99) and cfg.optim.clip_grad == 0.02
+    assert cfg.run.keep_checkpoints == 5 and cfg.run.local_rank == 1
+    assert cfg.model.norm_pix_loss is False
+    assert "--num_workers is accepted for compatibility and ignored" in caplog.text
+
+
+def test_finetune_mode_defaults_and_cls_token():
+    cfg = parse_job_config(["--mode", "finetune", "--train_shards", "a", "--val_shards", "b", "--cls_token"])
+    assert cfg.model.name == "vit_large_patch16" and cfg.optim.blr == 1e-3
+    assert cfg.data.jitter_scales_relative == (0.08, 1.0) and cfg.model.global_pool is False
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (PRETRAIN + ["--bogus"], "unrecognized arguments: --bogus"),
+    (PRETRAIN + ["--mask_ratio", "1.0"], "--mask_ratio"),
+    (PRETRAIN + ["--num_frames", "5"], "--num_frames 5 is not divisible by --t_patch_size 2"),
+    (["--mode", "pretrain", "--model", "mae_vit_tiny_patch8"], "--train_shards is missing"),
+    (["--mode", "pretrain", "--model", "vit_tiny_patch8", "--train_shards", "x"], "--model vit_tiny_patch8"),
+    (["--mode", "finetune", "--model", "mae_vit_tiny_patch8", "--train_shards", "x", "--val_shards", "y"],
+     "--model mae_vit_tiny_patch8"),
+    (["--mode", "finetune", "--model", "vit_tiny_patch8", "--train_shards", "x"], "--val_shards is missing"),
+    (PRETRAIN + ["--path_to_data_dir", "/videos"], "--path_to_data_dir"),
+])
+def test_bad_flags_give_one_error_line_naming_the_flag(capsys, argv, flag):
+    line = error_line(capsys, argv)
+    assert line.startswith("train.py: error:") and flag in line
+
+
+# ---- optimizer groups, schedule --------------------------------------------------------------------------------
+
+def group_of(groups, param):
+    return next(g for g in groups if any(p is param for p in g["params"]))
+
+
+def test_no_weight_decay_on_norms_biases_tokens_and_pos_embeds():
+    model = create_model("mae_vit_tiny_patch8", img_size=32, num_frames=4, pred_t_dim=4)
+    groups = build_param_groups(model, weight_decay=0.05)
+    named = dict(model.named_parameters())
+    for name in ("cls_token", "mask_token", "pos_embed_spatial", "pos_embed_temporal", "decoder_pos_embed_spatial",
+                 "norm.weight", "blocks.0.norm1.weight", "blocks.0.attn.proj.bias", "decoder_embed.bias"):
+        assert group_of(groups, named[name])["weight_decay"] == 0.0, name
+    for name in ("blocks.0.attn.proj.weight", "patch_embed.proj.weight", "decoder_pred.weight"):
+        assert group_of(groups, named[name])["weight_decay"] == 0.05, name
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    assert {g["lr_scale"] for g in groups} == {1.0}
+    with_bias_wd = build_param_groups(model, 0.05, bias_wd=True)
+    assert group_of(with_bias_wd, named["decoder_embed.bias"])["weight_decay"] == 0.05
+    assert group_of(with_bias_wd, named["norm.weight"])["weight_decay"] == 0.0
+
+
+def test_layer_decay_scales_follow_depth():
+    model = create_model("vit_tiny_patch8", img_size=32, num_frames=4, num_classes=5)  # 2 blocks -> 3 layers
+    assert [layer_id(n, 3) for n in ("cls_token", "pos_embed_spatial", "patch_embed.proj.weight",
+                                     "blocks.0.mlp.fc1.weight", "blocks.1.attn.proj.bias", "norm.weight",
+                                     "head.weight")] == [0, 0, 0, 1, 2, 3, 3]
+    groups = build_param_groups(model, 0.05, layer_decay=0.5)
+    named = dict(model.named_parameters())
+    expected = {"patch_embed.proj.weight": 0.125, "blocks.0.mlp.fc1.weight": 0.25, "blocks.1.mlp.fc1.weight": 0.5,
+                "head.weight": 1.0, "norm.weight": 1.0}
+    for name, scale in expected.items():
+        assert group_of(groups, named[name])["lr_scale"] == scale, name
+
+
+def test_schedule_warmup_peak_and_end():
+    cfg = OptimConfig(epochs=10, warmup_epochs=2, blr=1.6e-3, min_lr=1e-6)
+    eff = effective_batch(batch_size_per_gpu=4, repeat_aug=2, accum_iter=2, world_size=8)
+    assert eff == 128
+    peak = base_lr(cfg, eff)
+    assert peak == pytest.approx(1.6e-3 * 128 / 256)
+    assert lr_at(0.0, peak, cfg) == 0.0
+    assert lr_at(1.0, peak, cfg) == pytest.approx(peak / 2)
+    assert lr_at(2.0, peak, cfg) == pytest.approx(peak)
+    assert lr_at(6.0, peak, cfg) == pytest.approx(1e-6 + (peak - 1e-6) * 0.5)
+    assert lr_at(10.0, peak, cfg) == pytest.approx(1e-6)
+    assert base_lr(dataclasses.replace(cfg, lr=0.01), eff) == 0.01
+
+
+# ---- DeepSpeed JSON ------------------------------------------------------------------------------------------------
+
+def test_ds_config_filled_from_flags():
+    cfg = parse_job_config(PRETRAIN + ["--batch_size", "3", "--repeat_aug", "2", "--accum_iter", "4",
+                                       "--clip_grad", "1.5", "--zero_stage", "2"])
+    ds = fill_ds_config(load_ds_config(default_ds_config_path("pretrain")), cfg, world_size=2, bf16_supported=False)
+    assert ds["train_micro_batch_size_per_gpu"] == 6 and ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == 48 and ds["gradient_clipping"] == 1.5
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is False
+    gpu = fill_ds_config(load_ds_config(default_ds_config_path("pretrain")), cfg, world_size=2, bf16_supported=True)
+    assert gpu["bf16"]["enabled"] is True
+
+
+def test_ds_config_explicit_value_disagreeing_with_flags_is_an_error():
+    cfg = parse_job_config(PRETRAIN + ["--batch_size", "3"])
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 disagrees with --batch_size_per_gpu"):
+        fill_ds_config({"train_micro_batch_size_per_gpu": 8}, cfg, world_size=1, bf16_supported=False)
+    agreeing = fill_ds_config({"train_micro_batch_size_per_gpu": 3}, cfg, world_size=1, bf16_supported=False)
+    assert agreeing["train_micro_batch_size_per_gpu"] == 3
+    with pytest.raises(ConfigError, match="remove 'optimizer'"):
+        fill_ds_config({"optimizer": {"type": "Adam"}}, cfg, world_size=1, bf16_supported=False)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------------
+
+def test_resume_auto_picks_the_newest_complete_checkpoint(tmp_path):
+    root = checkpoint_root(str(tmp_path))
+    assert resolve_resume("auto", str(tmp_path)) is None
+    for step, complete in ((4, True), (8, True), (12, False)):  # step 12: a save cut short by a kill
+        (root / tag_for(step)).mkdir(parents=True)
+        if complete:
+            (root / tag_for(step) / COMPLETE_MARKER).write_text("{}")
+    assert resolve_resume("auto", str(tmp_path)) == (root, tag_for(8))
+    assert resolve_resume(str(root / tag_for(4)), str(tmp_path)) == (root, tag_for(4))
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume(str(root / tag_for(12)), str(tmp_path))
+
+
+def test_mismatched_pretrained_weights_name_the_flag(tmp_path):
+    import train
+
+    small = create_model("mae_vit_small_patch16", img_size=32, num_frames=4, pred_t_dim=4)
+    path = tmp_path / "small.safetensors"
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(path))
+    tiny = create_model("vit_tiny_patch8", img_size=32, num_frames=4, num_classes=5)
+    with pytest.raises(ConfigError, match=rf"--finetune {path}: pretrained weights do not fit"):
+        train.load_pretrained(tiny, str(path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        train.load_pretrained(tiny, str(tmp_path / "missing.safetensors"))

@@ -1,0 +1,155 @@
+"""MAE-ST pretraining and finetuning on DeepSpeed: `deepspeed train.py --mode {pretrain,finetune} ...`.
+
+Reads top to bottom: config -> distributed -> model -> engine (+ resume) -> data -> epochs -> export.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import deepspeed
+import torch
+
+from mae_st.config import ConfigError, JobConfig, parse_job_config
+from mae_st.engine.checkpoint import export_weights, load_checkpoint, resolve_resume
+from mae_st.engine.data import build_eval_data, build_train_data
+from mae_st.engine.distributed import DistEnv, init_distributed, seed_model_init
+from mae_st.engine.ds_config import default_ds_config_path, fill_ds_config, load_ds_config, uses_bf16
+from mae_st.engine.metrics import RunLogger
+from mae_st.engine.optim import build_optimizer
+from mae_st.engine.schedule import base_lr, effective_batch
+from mae_st.engine.trainer import StopSignal, Trainer, TrainState, build_loss_fn, evaluate
+from mae_st.models import build_model, load_checkpoint_file, load_encoder_into_classifier
+
+log = logging.getLogger("train")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    cfg = parse_job_config(argv)
+    env = init_distributed()
+    setup_logging(env)
+    run = cfg.run
+    finetune = run.mode == "finetune"
+
+    ds_config = build_ds_config(cfg, env)
+    dtype = torch.bfloat16 if uses_bf16(ds_config) else torch.float32
+    log.info("precision: %s on %s, world size %d, ZeRO stage %d", dtype, env.device, env.world_size,
+             ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    seed_model_init(run.seed)
+    model = build_model(cfg.model, cfg.data.img_size, cfg.data.num_frames)
+    resume = checked(lambda: resolve_resume(run.resume, run.output_dir), "--resume")
+    if finetune and run.finetune and resume is None:
+        load_pretrained(model, run.finetune)
+    optimizer = build_optimizer(model, cfg.optim, finetune, env.device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    state = TrainState()
+    if resume is not None:
+        state = TrainState.from_dict(load_checkpoint(engine, *resume))
+        log.info("resuming at epoch %d, step %d (global step %d)", state.epoch, state.step_in_epoch,
+                 state.global_step)
+    elif run.resume == "auto":
+        log.info("--resume auto: no complete checkpoint in %s yet, starting fresh", run.output_dir)
+
+    exported = Path(run.output_dir) / f"{run.save_prefix}model.safetensors"
+    if run.export:
+        export_weights(engine.module, exported, env.is_main, export_metadata(cfg, state))
+        return
+
+    logger = RunLogger(run.output_dir, env.is_main, resumed=resume is not None)
+    eval_data = build_eval_data(cfg.data, cfg.model.num_classes, env, dtype) if finetune else None
+    if run.eval_only:
+        metrics = evaluate_only(engine, eval_data, cfg, env, dtype)
+        logger.write({"kind": "eval", "global_step": state.global_step, **metrics})
+        logger.close()
+        return
+
+    train_data = build_train_data(cfg.data, run.mode, cfg.model.num_classes, env, run.seed, dtype)
+    steps_per_epoch = optimizer_aligned_steps(len(train_data), run.max_steps_per_epoch, cfg.optim.accum_iter)
+    eff_batch = effective_batch(cfg.data.batch_size_per_gpu, cfg.data.repeat_aug, cfg.optim.accum_iter,
+                                env.world_size)
+    peak_lr = base_lr(cfg.optim, eff_batch)
+    log.info("effective batch %d clips, peak lr %.3g, %d steps per epoch", eff_batch, peak_lr, steps_per_epoch)
+    trainer = Trainer(engine, cfg, env, build_loss_fn(run.mode, cfg.data.smoothing), logger, peak_lr,
+                      steps_per_epoch, StopSignal())
+
+    while state.epoch < cfg.optim.epochs:
+        trainer.train_epoch(train_data, state)
+        if finetune:
+            metrics = trainer.evaluate(eval_data, cfg.model.num_classes)
+            improved = metrics["acc1"] > state.best_acc1
+            state.best_acc1 = max(state.best_acc1, metrics["acc1"])
+            logger.write({"kind": "eval", "epoch": state.epoch - 1, "global_step": state.global_step,
+                          "best_acc1": state.best_acc1, **metrics})
+            log.info("epoch %d: top-1 %.2f%%, top-5 %.2f%% (best %.2f%%)", state.epoch - 1, metrics["acc1"],
+                     metrics["acc5"], state.best_acc1)
+            if improved:
+                export_weights(engine.module, Path(run.output_dir) / f"{run.save_prefix}best.safetensors", env.is_main,
+                               export_metadata(cfg, state))
+        trainer.save_at_epoch_end(state)
+
+    export_weights(engine.module, exported, env.is_main, export_metadata(cfg, state))
+    logger.close()
+
+
+def setup_logging(env: DistEnv) -> None:
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format=f"[rank{env.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def build_ds_config(cfg: JobConfig, env: DistEnv) -> dict:
+    """The mode's shipped ZeRO-3 bf16 config (or --ds_config), completed from the flags; fp32 on the CPU."""
+    path = cfg.run.ds_config or default_ds_config_path(cfg.run.mode)
+    return checked(lambda: fill_ds_config(load_ds_config(path), cfg, env.world_size, bf16_supported=env.on_gpu,
+                                          source=f"--ds_config {path}"), "--ds_config")
+
+
+def load_pretrained(model: torch.nn.Module, path: str) -> None:
+    """Pretrained MAE-ST encoder (ours or the original's release) into the classifier, before ZeRO partitions it."""
+    weights = checked(lambda: load_checkpoint_file(path), f"--finetune {path}")
+    report = checked(lambda: load_encoder_into_classifier(model, weights), f"--finetune {path}")
+    log.info("loaded %s: %d unused keys (decoder), new: %s, resized: %s", path, len(report.unused_keys),
+             report.missing_keys, report.interpolated_keys)
+
+
+def optimizer_aligned_steps(loader_steps: int, cap: int, accum_iter: int) -> int:
+    """Micro-steps per epoch: the loader's (capped by --max_steps_per_epoch), cut to whole optimizer steps."""
+    steps = min(loader_steps, cap) if cap > 0 else loader_steps
+    if steps < accum_iter:
+        raise ConfigError(f"--accum_iter {accum_iter} is more than the {steps} steps an epoch has")
+    return steps - steps % accum_iter
+
+
+def evaluate_only(engine, eval_data, cfg: JobConfig, env: DistEnv, dtype: torch.dtype) -> dict:
+    """--eval: multi-view top-1/top-5 of the loaded weights."""
+    metrics = evaluate(engine, eval_data, cfg.model.num_classes, env.device, dtype)
+    log.info("eval: top-1 %.2f%%, top-5 %.2f%% over %d videos", metrics["acc1"], metrics["acc5"], metrics["videos"])
+    return metrics
+
+
+def export_metadata(cfg: JobConfig, state: TrainState) -> dict:
+    return {"model": cfg.model.name, "mode": cfg.run.mode, "epoch": str(state.epoch),
+            "global_step": str(state.global_step), "num_frames": str(cfg.data.num_frames),
+            "img_size": str(cfg.data.img_size), "t_patch_size": str(cfg.model.t_patch_size)}
+
+
+def checked(action, flag: str):
+    """Runs `action`; a missing or unfitting file becomes a ConfigError naming the flag it came from."""
+    try:
+        return action()
+    except ConfigError:
+        raise
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{flag}: {err}") from err
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
