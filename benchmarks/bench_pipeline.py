@@ -1,75 +1,204 @@
-"""Clips/s of the DALI pretrain (repeat_aug 16) and finetune pipelines at 16x224x224 over a shard set.
+"""Sections `pipeline` and `classic`: sustained clips/s of our DALI loader and of the classic PyAV DataLoader.
 
-    python benchmarks/bench_pipeline.py --shards /data/k400/train --decode-device auto --steps 50
-
-Prints one table row per pipeline: clips/s, videos/s, seconds the consumer waited per step, bad samples.
+`pipeline` measures `build_train_loader` (what train.py iterates) for pretraining (repeat_aug clips per decoded
+video) and finetuning (one clip per video, RandAugment, random erasing, mixup/cutmix) on every shard set, then
+moves one lever at a time on the default set: videos per step, DALI threads, prefetch depth. Each row also has
+the NVDEC and SM utilisation and the device memory the pipeline added. `classic` runs the baseline over the
+default set with its batches copied to the device, and states our/classic.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
+import gc
+import shutil
 import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
 
+from benchmarks import gpu_monitor
+from benchmarks.bench_data import ShardSet, mean_frames, shard_sets
+from benchmarks.classic_loader import classic_loader
+from benchmarks.harness import SectionContext, Sizes, Timing, resolve_device, sync, time_batches
 from mae_st.config import DataConfig
-from mae_st.data.loader import build_train_loader
 
-PIPELINES = {
-    "pretrain": dict(repeat_aug=16, batch_size_per_gpu=2),
-    "finetune": dict(repeat_aug=2, batch_size_per_gpu=4, rand_aug=True, reprob=0.25, mixup=0.8, cutmix=1.0),
-}
+NUM_CLASSES = 400  # mixup's one-hot width; the packed labels are far below it
+CPU_DECODABLE = ("vp8", "vp9")  # DALI's CPU video decoder (MJPEG too, which the packer does not write)
 
 
-def measure(cfg: DataConfig, mode: str, device: torch.device, steps: int, warmup: int) -> dict:
-    """Run `warmup` then `steps` steps; the clock covers only the measured steps."""
-    loader = build_train_loader(cfg, mode, num_classes=400, rank=0, world_size=1, device=device,
-                                dtype=torch.bfloat16)
-    batches = iter(loader)
-    for _ in range(warmup):
-        next(batches)
-    _sync(device)
-    started, wait_at_start, clips_seen = time.perf_counter(), loader.stats.wait_seconds, 0
-    for _ in range(steps):
-        clips, _ = next(batches)
-        clips_seen += clips.shape[0]
-    _sync(device)
-    elapsed = time.perf_counter() - started
-    return {"clips/s": clips_seen / elapsed, "videos/s": clips_seen / cfg.repeat_aug / elapsed,
-            "wait s/step": (loader.stats.wait_seconds - wait_at_start) / steps, "bad": loader.stats.bad_samples}
+@dataclass(frozen=True)
+class LoaderRun:
+    """One measurement: a shard set, a mode and the DataConfig fields it sets."""
+
+    shard_set: ShardSet
+    mode: str  # pretrain | finetune
+    lever: str  # what this run changes from the base ("base" for none)
+    fields: Dict[str, object]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def base_fields(sizes: Sizes, mode: str) -> Dict[str, object]:
+    common = dict(num_frames=sizes.num_frames, img_size=sizes.img_size, num_threads=sizes.num_threads,
+                  prefetch_queue_depth=2)
+    if mode == "pretrain":
+        return dict(common, repeat_aug=sizes.repeat_aug, batch_size_per_gpu=sizes.pipeline_batch,
+                    sampling_rate=sizes.sampling_rate)
+    return dict(common, repeat_aug=1, batch_size_per_gpu=sizes.finetune_batch,
+                sampling_rate=sizes.finetune_sampling_rate, rand_aug=True, reprob=0.25, mixup=0.8, cutmix=1.0,
+                jitter_scales_relative=(0.08, 1.0))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", required=True, help="shard folder, brace pattern or manifest")
-    parser.add_argument("--decode-device", default="auto", choices=["auto", "gpu", "cpu"])
-    parser.add_argument("--pipelines", default="pretrain,finetune")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--num-threads", type=int, default=8)
-    parser.add_argument("--num-frames", type=int, default=16)
-    parser.add_argument("--sampling-rate", type=int, default=4)
-    parser.add_argument("--img-size", type=int, default=224)
-    args = parser.parse_args()
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base = DataConfig(train_shards=args.shards, decode_device=args.decode_device, num_threads=args.num_threads,
-                      num_frames=args.num_frames, sampling_rate=args.sampling_rate, img_size=args.img_size)
-    print(f"device={device} decode={args.decode_device} clip={args.num_frames}x{args.img_size}x{args.img_size} "
-          f"rate={args.sampling_rate}")
-    print(f"{'pipeline':<10}{'repeat':>7}{'batch':>6}{'clips/s':>10}{'videos/s':>10}{'wait s/step':>13}{'bad':>5}")
-    for name in args.pipelines.split(","):
-        cfg = dataclasses.replace(base, **PIPELINES[name])
-        row = measure(cfg, name, device, args.steps, args.warmup)
-        print(f"{name:<10}{cfg.repeat_aug:>7}{cfg.batch_size_per_gpu:>6}{row['clips/s']:>10.1f}"
-              f"{row['videos/s']:>10.1f}{row['wait s/step']:>13.3f}{row['bad']:>5}")
+def plan_runs(sets: List[ShardSet], sizes: Sizes) -> List[LoaderRun]:
+    """Most telling first (the section stops at its deadline): default set, other sets, then the sweep."""
+    runs = [LoaderRun(s, mode, "base", base_fields(sizes, mode)) for s in sets for mode in ("pretrain", "finetune")]
+    runs.sort(key=lambda r: (not r.shard_set.default, r.mode != "pretrain"))
+    base = base_fields(sizes, "pretrain")
+    levers = ([("batch_size_per_gpu", b) for b in sizes.sweep_batches]
+              + [("num_threads", t) for t in sizes.sweep_threads]
+              + [("prefetch_queue_depth", p) for p in sizes.sweep_prefetch])
+    for name, value in levers:
+        runs.append(LoaderRun(sets[0], "pretrain", f"{name}={value}", dict(base, **{name: value})))
+    return runs
 
 
-if __name__ == "__main__":
-    main()
+def run_pipeline(ctx: SectionContext) -> None:
+    device = resolve_device(ctx.device)
+    sizes = ctx.sizes
+    for run in plan_runs(shard_sets(ctx), sizes):
+        label = {"set": run.shard_set.name, "codec": run.shard_set.codec, "mode": run.mode, "lever": run.lever}
+        if device.type == "cpu" and run.shard_set.codec not in CPU_DECODABLE:
+            ctx.emit(dict(label, skipped=f"DALI's CPU decoder cannot read {run.shard_set.codec}"))
+        elif ctx.seconds_left() < sizes.loader_seconds + 5:
+            ctx.emit(dict(label, skipped="section time budget used up"))
+        else:
+            ctx.measure(label, lambda: measure_dali(run, device, sizes, ctx.seconds_left() - 5))
+
+
+def measure_dali(run: LoaderRun, device: torch.device, sizes: Sizes, seconds_left: float) -> dict:
+    """Clips/s, frames/s, NVDEC/SM utilisation and added device memory of one loader configuration."""
+    cfg = DataConfig(train_shards=run.shard_set.path, decode_device="gpu" if device.type == "cuda" else "cpu",
+                     **run.fields)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what train.py asks for
+    baseline = gpu_monitor.memory_used_mib()
+    loader = None
+    try:
+        with gpu_monitor.GpuMonitor() as monitor:
+            loader = build_loader(cfg, run.mode, device, dtype)
+            # warm-up covers at least what DALI prefetched while the first batch was built
+            timing = time_batches(lambda epoch: loader_epoch(loader, epoch), lambda batch: batch[0].shape[0],
+                                  warmup=max(sizes.loader_warmup, cfg.prefetch_queue_depth + 1),
+                                  steps=sizes.loader_steps,
+                                  max_seconds=min(sizes.loader_seconds, seconds_left), sync=lambda: sync(device))
+            end = time.time()
+        usage = monitor.window(end - timing.seconds, end, baseline)
+        bad = loader.stats.bad_samples
+    finally:
+        if loader is not None:
+            loader.close()
+        loader = None  # drops the last reference to the pipeline before its memory is released
+        release_dali_memory()
+    frames = mean_frames(run.shard_set.path)
+    return {**rates(timing, cfg.repeat_aug, sizes.num_frames, frames), **usage,
+            "bs": cfg.batch_size_per_gpu, "repeat": cfg.repeat_aug, "threads": cfg.num_threads,
+            "prefetch": cfg.prefetch_queue_depth, "steps": timing.steps, "epochs": timing.epochs, "bad": bad}
+
+
+def build_loader(cfg: DataConfig, mode: str, device: torch.device, dtype: torch.dtype):
+    from mae_st.data.loader import build_train_loader  # DALI loads only in the sections that use it
+
+    return build_train_loader(cfg, mode, NUM_CLASSES, rank=0, world_size=1, device=device, dtype=dtype)
+
+
+def loader_epoch(loader, epoch: int):
+    """The loader, set to iterate `epoch` (the shape `time_batches` asks for)."""
+    loader.set_epoch(epoch)
+    return loader
+
+
+def rates(timing: Timing, clips_per_video: int, num_frames: int, frames_per_video: Optional[float]) -> dict:
+    """Clips/s and the frame rates they imply: frames in the clips, and frames decoded (whole videos)."""
+    clips_per_s = timing.clips_per_s or 0.0
+    videos_per_s = clips_per_s / clips_per_video
+    return {"clips/s": clips_per_s, "videos/s": videos_per_s, "clip frames/s": clips_per_s * num_frames,
+            "decoded frames/s": videos_per_s * frames_per_video if frames_per_video else None,
+            "s/step": timing.seconds_per_step}
+
+
+def release_dali_memory() -> None:
+    """Frees what DALI's memory pools keep after a pipeline is gone, so the next row's baseline is clean."""
+    gc.collect()
+    try:
+        from nvidia.dali.backend import ReleaseUnusedMemory
+    except ImportError:
+        return
+    ReleaseUnusedMemory()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- classic baseline -------------------------------------------------------------------------------------------
+
+
+def run_classic(ctx: SectionContext) -> None:
+    device = resolve_device(ctx.device)
+    sizes = ctx.sizes
+    default = shard_sets(ctx)[0]
+    best = 0.0
+    for workers in sizes.classic_workers:
+        if ctx.seconds_left() < 10:
+            ctx.emit({"workers": workers, "skipped": "section time budget used up"})
+            continue
+        row = ctx.measure({"set": default.name, "codec": default.codec, "workers": workers},
+                          lambda: measure_classic(default, workers, device, sizes, ctx.seconds_left() - 8))
+        best = max(best, row.get("clips/s") or 0.0)
+    ours = _ours_pretrain_clips_per_s(ctx, default)
+    if ours and best:
+        ctx.emit({"comparison": "ours/classic (pretrain, default set)", "ours clips/s": ours,
+                  "classic clips/s": best, "ratio": ours / best, "target": 5.0})
+
+
+def measure_classic(shard_set: ShardSet, workers: int, device: torch.device, sizes: Sizes,
+                    seconds_left: float) -> dict:
+    """Clips/s of the classic loader with `workers` processes, each batch copied to `device` in the clock."""
+    batch = classic_batch_that_fits(sizes, workers)
+    if batch == 0:
+        return {"skipped": f"/dev/shm ({_shm_free_gb():.1f} GB free) cannot hold {workers} workers' batches"}
+    loader = classic_loader(shard_set.tars(), batch_size=batch, num_workers=workers, num_frames=sizes.num_frames,
+                            sampling_rate=sizes.sampling_rate, img_size=sizes.img_size,
+                            repeat_aug=sizes.repeat_aug, endless=True)
+    try:
+        # the warm-up drains the batches every worker prefetched while starting, which would inflate the rate
+        timing = time_batches(lambda epoch: loader, lambda b: b[0].shape[0], warmup=2 * max(workers, 1),
+                              steps=sizes.classic_steps,
+                              max_seconds=min(sizes.classic_seconds, seconds_left), sync=lambda: sync(device),
+                              consume=lambda b: b[0].to(device, non_blocking=True))
+    finally:
+        loader = None  # stops the worker processes
+        gc.collect()
+    frames = mean_frames(shard_set.path)
+    return {**rates(timing, sizes.repeat_aug, sizes.num_frames, frames), "bs": batch, "repeat": sizes.repeat_aug,
+            "steps": timing.steps, "shm GB free": _shm_free_gb()}
+
+
+def classic_batch_that_fits(sizes: Sizes, workers: int) -> int:
+    """Videos per batch: the benchmark's, or 1 when /dev/shm cannot hold every worker's 2 prefetched float32
+    batches (containers often mount a small one), or 0 when not even that fits."""
+    per_video = sizes.repeat_aug * 3 * sizes.num_frames * sizes.img_size**2 * 4
+    room = 0.8 * _shm_free_gb() * 1e9
+    for batch in (sizes.pipeline_batch, 1):
+        if max(workers, 1) * 2 * batch * per_video <= room:
+            return batch
+    return 0
+
+
+def _shm_free_gb() -> float:
+    try:
+        return shutil.disk_usage("/dev/shm").free / 1e9
+    except OSError:
+        return 0.0
+
+
+def _ours_pretrain_clips_per_s(ctx: SectionContext, shard_set: ShardSet) -> Optional[float]:
+    rows = [r for r in ctx.prior_rows("pipeline") if r.get("set") == shard_set.name and r.get("mode") == "pretrain"
+            and r.get("lever") == "base" and r.get("clips/s")]
+    return rows[0]["clips/s"] if rows else None

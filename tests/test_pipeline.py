@@ -1,9 +1,14 @@
-"""The DALI video pipeline on the CPU backend, over real VP9 shards the tests write."""
+"""The DALI video pipeline over real shards the tests write: VP9 on the CPU backend by default.
+
+The same tests check the GPU path (NVDEC through DALI's "mixed" decoder) with
+`MAE_ST_TEST_DECODE=gpu MAE_ST_TEST_CODEC=h264|vp9` (benchmarks/bench.py runs both).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +23,12 @@ from mae_st.data.loader import build_eval_loader, build_train_loader
 from mae_st.data.views import MultiViewAggregator
 from tests.video_factory import decode_frame_index, frame_index_frames, write_video
 
-CPU = torch.device("cpu")
-HEIGHT, WIDTH = 48, 64
+DECODE = os.environ.get("MAE_ST_TEST_DECODE", "cpu")  # cpu | gpu
+CODEC = os.environ.get("MAE_ST_TEST_CODEC", "vp9")  # vp9 | h264 (h264 needs gpu: DALI's CPU decoder lacks it)
+VIDEO_EXT = {"vp9": "webm", "h264": "mp4"}[CODEC]
+DEVICE = torch.device("cuda" if DECODE == "gpu" else "cpu")
+# NVDEC decodes nothing smaller than 128x128 (VP9); the CPU runs keep frames small
+HEIGHT, WIDTH = (144, 192) if DECODE == "gpu" else (48, 64)
 LONG, SHORT = 40, 6  # frames per test video
 
 
@@ -36,7 +45,7 @@ def blue_level(video_id: int) -> int:
 
 
 def write_shards(folder: Path, videos_per_shard: list, corrupt: set = frozenset()) -> str:
-    """Shards of VP9 samples; sample i has key v<i>, label i and LONG frames (SHORT when i % 4 == 3)."""
+    """Shards of CODEC samples; sample i has key v<i>, label i and LONG frames (SHORT when i % 4 == 3)."""
     folder.mkdir(parents=True, exist_ok=True)
     vid = 0
     for shard, count in enumerate(videos_per_shard):
@@ -45,11 +54,11 @@ def write_shards(folder: Path, videos_per_shard: list, corrupt: set = frozenset(
             for _ in range(count):
                 key = f"v{vid}"
                 frames = SHORT if vid % 4 == 3 else LONG
-                path = write_video(folder / "src" / f"{key}.webm", video_frames(frames, vid))
+                path = write_video(folder / "src" / f"{key}.{VIDEO_EXT}", video_frames(frames, vid))
                 payload = b"\x1aE\xdf\xa3 not a video" * 50 if key in corrupt else path.read_bytes()
                 meta = SampleMeta(key=key, label=vid, label_name=f"class{vid}", source=str(path), frames=frames,
-                                  fps=30.0, width=WIDTH, height=HEIGHT, duration=frames / 30, codec="vp9")
-                writer.write({"__key__": key, "webm": payload, "json": meta.to_json()})
+                                  fps=30.0, width=WIDTH, height=HEIGHT, duration=frames / 30, codec=CODEC)
+                writer.write({"__key__": key, VIDEO_EXT: payload, "json": meta.to_json()})
                 vid += 1
         with IndexCreator(tar, index_name_for(tar), verbose=False) as creator:
             creator.create_index()
@@ -64,7 +73,7 @@ def shards(tmp_path_factory) -> str:
 def tiny_config(shards: str, **overrides) -> DataConfig:
     base = DataConfig(train_shards=shards, val_shards=shards, num_frames=4, sampling_rate=3, img_size=32,
                       repeat_aug=3, batch_size_per_gpu=2, num_threads=2, shuffle_buffer=4,
-                      test_num_ensemble_views=2, test_num_spatial_crops=3)
+                      test_num_ensemble_views=2, test_num_spatial_crops=3, decode_device=DECODE)
     return dataclasses.replace(base, **overrides)
 
 
@@ -72,7 +81,7 @@ def pixel_levels(clips: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     """Per clip, channel and frame: the mean level back in 0..255 units."""
     mean = torch.tensor(cfg.mean).view(1, 3, 1, 1, 1)
     std = torch.tensor(cfg.std).view(1, 3, 1, 1, 1)
-    return ((clips.float() * std + mean) * 255).mean(dim=(3, 4))  # (N, C, T)
+    return ((clips.float().cpu() * std + mean) * 255).mean(dim=(3, 4))  # (N, C, T)
 
 
 def frame_indices(clip_levels: torch.Tensor) -> list:
@@ -89,7 +98,7 @@ def value_range(cfg: DataConfig) -> tuple:
 
 def test_pretrain_batches_have_clip_geometry_and_stride(shards):
     cfg = tiny_config(shards)
-    loader = build_train_loader(cfg, "pretrain", num_classes=8, rank=0, world_size=1, device=CPU)
+    loader = build_train_loader(cfg, "pretrain", num_classes=8, rank=0, world_size=1, device=DEVICE)
     assert len(loader) == 8 // 2
     batches = list(loader)
     assert len(batches) == len(loader)
@@ -109,7 +118,7 @@ def test_pretrain_batches_have_clip_geometry_and_stride(shards):
 
 def test_repeat_aug_clips_are_different_views_of_one_video(shards):
     cfg = tiny_config(shards, repeat_aug=4)
-    loader = build_train_loader(cfg, "pretrain", num_classes=8, rank=0, world_size=1, device=CPU)
+    loader = build_train_loader(cfg, "pretrain", num_classes=8, rank=0, world_size=1, device=DEVICE)
     clips, labels = next(iter(loader))
     for video in range(2):
         group = clips[4 * video : 4 * (video + 1)]
@@ -123,7 +132,7 @@ def test_repeat_aug_clips_are_different_views_of_one_video(shards):
 
 def test_epochs_differ_and_repeat_with_the_same_epoch(shards):
     cfg = tiny_config(shards, repeat_aug=1)
-    loader = build_train_loader(cfg, "pretrain", num_classes=8, rank=0, world_size=1, device=CPU, seed=1)
+    loader = build_train_loader(cfg, "pretrain", num_classes=8, rank=0, world_size=1, device=DEVICE, seed=1)
     orders = []
     for epoch in (0, 1, 0):
         loader.set_epoch(epoch)
@@ -136,7 +145,7 @@ def test_two_ranks_read_disjoint_parts_that_cover_the_epoch(shards):
     cfg = tiny_config(shards, repeat_aug=1)
     seen = []
     for rank in range(2):
-        loader = build_train_loader(cfg, "pretrain", num_classes=8, rank=rank, world_size=2, device=CPU)
+        loader = build_train_loader(cfg, "pretrain", num_classes=8, rank=rank, world_size=2, device=DEVICE)
         assert len(loader) == (8 // 2) // 2
         seen.append({int(x) for _, labels in loader for x in labels})
     assert not seen[0] & seen[1]
@@ -145,18 +154,18 @@ def test_two_ranks_read_disjoint_parts_that_cover_the_epoch(shards):
 
 def test_finetune_gives_soft_targets_with_mixup_and_rand_augment(shards):
     cfg = tiny_config(shards, rand_aug=True, reprob=0.5, mixup=0.8, cutmix=1.0, repeat_aug=2)
-    loader = build_train_loader(cfg, "finetune", num_classes=8, rank=0, world_size=1, device=CPU,
+    loader = build_train_loader(cfg, "finetune", num_classes=8, rank=0, world_size=1, device=DEVICE,
                                 dtype=torch.bfloat16)
     clips, targets = next(iter(loader))
     assert clips.shape == (4, 3, 4, 32, 32) and clips.dtype == torch.bfloat16
     assert targets.shape == (4, 8) and targets.dtype == torch.float32
-    assert torch.allclose(targets.sum(dim=1), torch.ones(4))
+    assert torch.allclose(targets.sum(dim=1).cpu(), torch.ones(4))
     assert (targets > 0).sum(dim=1).min() >= 2  # smoothing/mixing spreads every target
 
 
 def test_eval_views_are_uniform_in_time_and_cover_every_video_once(shards):
     cfg = tiny_config(shards)
-    loader = build_eval_loader(cfg, rank=0, world_size=1, device=CPU)
+    loader = build_eval_loader(cfg, rank=0, world_size=1, device=DEVICE)
     assert len(loader) == 4
     ids = []
     for clips, labels, video_ids in loader:
@@ -174,7 +183,7 @@ def test_eval_views_are_uniform_in_time_and_cover_every_video_once(shards):
 
 def test_eval_ranks_split_videos_without_gaps(shards):
     cfg = tiny_config(shards, test_num_ensemble_views=1, test_num_spatial_crops=1, batch_size_per_gpu=3)
-    per_rank = [{vid for _, _, ids in build_eval_loader(cfg, rank, 3, CPU) for vid in ids} for rank in range(3)]
+    per_rank = [{vid for _, _, ids in build_eval_loader(cfg, rank, 3, DEVICE) for vid in ids} for rank in range(3)]
     assert sum(len(s) for s in per_rank) == 8 and set().union(*per_rank) == {f"v{i}" for i in range(8)}
 
 
@@ -182,7 +191,7 @@ def test_corrupt_sample_is_skipped_counted_and_logged(tmp_path, caplog):
     folder = write_shards(tmp_path, [4], corrupt={"v1"})
     cfg = tiny_config(folder, batch_size_per_gpu=2, test_num_ensemble_views=1, test_num_spatial_crops=1,
                       max_bad_sample_fraction=0.5)
-    loader = build_eval_loader(cfg, rank=0, world_size=1, device=CPU)
+    loader = build_eval_loader(cfg, rank=0, world_size=1, device=DEVICE)
     with caplog.at_level(logging.WARNING):
         ids = [vid for _, _, video_ids in loader for vid in video_ids]
     assert sorted(ids) == ["v0", "v2", "v3"]
@@ -193,7 +202,7 @@ def test_corrupt_sample_is_skipped_counted_and_logged(tmp_path, caplog):
 def test_training_skips_corrupt_sample_and_keeps_step_count(tmp_path):
     folder = write_shards(tmp_path, [4], corrupt={"v2"})
     cfg = tiny_config(folder, repeat_aug=1, batch_size_per_gpu=1, max_bad_sample_fraction=0.5)
-    loader = build_train_loader(cfg, "pretrain", num_classes=4, rank=0, world_size=1, device=CPU)
+    loader = build_train_loader(cfg, "pretrain", num_classes=4, rank=0, world_size=1, device=DEVICE)
     labels = [int(x) for _, batch in loader for x in batch]
     assert len(labels) == len(loader) == 4 and 2 not in labels and {0, 1, 3} <= set(labels)
     assert loader.stats.bad_keys == ["v2"]
@@ -203,7 +212,7 @@ def test_mostly_corrupt_shards_stop_with_a_clear_error(tmp_path):
     folder = write_shards(tmp_path, [4], corrupt={"v0", "v1", "v2"})
     cfg = tiny_config(folder, test_num_ensemble_views=1, test_num_spatial_crops=1)
     with pytest.raises(RuntimeError, match="max_bad_sample_fraction"):
-        list(build_eval_loader(cfg, rank=0, world_size=1, device=CPU))
+        list(build_eval_loader(cfg, rank=0, world_size=1, device=DEVICE))
 
 
 def test_aggregator_averages_views_split_across_batches_and_ranks():
