@@ -5,6 +5,8 @@ Reads top to bottom: config -> distributed -> model -> engine (+ resume) -> data
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -40,7 +42,8 @@ def main(argv: Optional[List[str]] = None) -> None:
              ds_config.get("zero_optimization", {}).get("stage", 0))
 
     seed_model_init(run.seed)
-    model = build_model(cfg.model, cfg.data.img_size, cfg.data.num_frames)
+    with torch.device(env.device):  # initialising ViT-H on the GPU takes seconds, on the CPU minutes
+        model = build_model(cfg.model, cfg.data.img_size, cfg.data.num_frames)
     resume = checked(lambda: resolve_resume(run.resume, run.output_dir), "--resume")
     if finetune and run.finetune and resume is None:
         load_pretrained(model, run.finetune)
@@ -61,6 +64,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
 
     logger = RunLogger(run.output_dir, env.is_main, resumed=resume is not None)
+    save_run_config(cfg, env)
     eval_data = build_eval_data(cfg.data, cfg.model.num_classes, env, dtype) if finetune else None
     if run.eval_only:
         metrics = evaluate_only(engine, eval_data, cfg, env, dtype)
@@ -129,6 +133,12 @@ def evaluate_only(engine, eval_data, cfg: JobConfig, env: DistEnv, dtype: torch.
     metrics = evaluate(engine, eval_data, cfg.model.num_classes, env.device, dtype)
     log.info("eval: top-1 %.2f%%, top-5 %.2f%% over %d videos", metrics["acc1"], metrics["acc5"], metrics["videos"])
     return metrics
+
+
+def save_run_config(cfg: JobConfig, env: DistEnv) -> None:
+    """<output_dir>/config.json: the whole JobConfig, so tools (tools/visualize.py) rebuild the run's model."""
+    if env.is_main:
+        Path(cfg.run.output_dir, "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
 
 def export_metadata(cfg: JobConfig, state: TrainState) -> dict:

@@ -55,7 +55,8 @@ def plan_runs(sets: List[ShardSet], sizes: Sizes) -> List[LoaderRun]:
     base = base_fields(sizes, "pretrain")
     levers = ([("batch_size_per_gpu", b) for b in sizes.sweep_batches]
               + [("num_threads", t) for t in sizes.sweep_threads]
-              + [("prefetch_queue_depth", p) for p in sizes.sweep_prefetch])
+              + [("prefetch_queue_depth", p) for p in sizes.sweep_prefetch]
+              + [("decode_device", "cpu")])
     for name, value in levers:
         runs.append(LoaderRun(sets[0], "pretrain", f"{name}={value}", dict(base, **{name: value})))
     return runs
@@ -76,8 +77,8 @@ def run_pipeline(ctx: SectionContext) -> None:
 
 def measure_dali(run: LoaderRun, device: torch.device, sizes: Sizes, seconds_left: float) -> dict:
     """Clips/s, frames/s, NVDEC/SM utilisation and added device memory of one loader configuration."""
-    cfg = DataConfig(train_shards=run.shard_set.path, decode_device="gpu" if device.type == "cuda" else "cpu",
-                     **run.fields)
+    cfg = DataConfig(train_shards=run.shard_set.path,
+                     **{"decode_device": "gpu" if device.type == "cuda" else "cpu", **run.fields})
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what train.py asks for
     baseline = gpu_monitor.memory_used_mib()
     loader = None
