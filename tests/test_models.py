@@ -33,9 +33,9 @@ TINY = dict(img_size=32, num_frames=8, t_patch_size=2)
 TINY_MAE = dict(TINY, pred_t_dim=4, mask_ratio=0.75)
 
 EXPECTED_MODELS = {
-    "mae_vit_tiny_patch8", "mae_vit_small_patch16", "mae_vit_base_patch16", "mae_vit_large_patch16",
-    "mae_vit_huge_patch14", "vit_tiny_patch8", "vit_small_patch16", "vit_base_patch16", "vit_large_patch16",
-    "vit_huge_patch14",
+    "mae_vit_tiny_patch8", "mae_vit_mini_patch16", "mae_vit_small_patch16", "mae_vit_base_patch16",
+    "mae_vit_large_patch16", "mae_vit_huge_patch14", "vit_tiny_patch8", "vit_mini_patch16", "vit_small_patch16",
+    "vit_base_patch16", "vit_large_patch16", "vit_huge_patch14",
 }  # fmt: skip
 
 

@@ -23,7 +23,6 @@ from nvidia.dali.pipeline import Pipeline
 from mae_st.config import DataConfig
 from mae_st.data.format import META_EXT, VIDEO_EXTS
 
-FINETUNE_SCALES = (0.08, 1.0)  # the original's finetuning crop area range
 VIDEO_EXT_SET = ";".join(VIDEO_EXTS)
 
 
@@ -66,7 +65,7 @@ class RandAugmentSpec:
 
 def build_train_pipeline(spec: ReaderSpec, cfg: DataConfig, mode: str) -> Pipeline:
     """Pretrain/finetune graph: outputs (clips (B, repeat_aug, C, T, H, W), padded JSON metadata bytes)."""
-    scales = FINETUNE_SCALES if mode == "finetune" else tuple(cfg.jitter_scales_relative)
+    scales = tuple(cfg.jitter_scales_relative)  # finetune mode defaults it to the original's (0.08, 1.0)
     rand_aug = RandAugmentSpec.parse(cfg.aa) if (mode == "finetune" and cfg.rand_aug) else None
 
     @pipeline_def(enable_conditionals=rand_aug is not None)

@@ -219,6 +219,12 @@ def mae_vit_tiny_patch8(**kwargs) -> MaskedAutoencoderViT:
 
 
 @register_model("mae")
+def mae_vit_mini_patch16(**kwargs) -> MaskedAutoencoderViT:
+    """The demo's model (128-dim, 4 blocks): 64 px clips are 4x4 patches a frame, so a CPU trains it in minutes."""
+    return _mae(16, 128, 4, 4, **kwargs)
+
+
+@register_model("mae")
 def mae_vit_small_patch16(**kwargs) -> MaskedAutoencoderViT:
     return _mae(16, 384, 12, 6, **kwargs)
 

@@ -92,6 +92,12 @@ def vit_tiny_patch8(**kwargs) -> VisionTransformer:
 
 
 @register_model("classifier")
+def vit_mini_patch16(**kwargs) -> VisionTransformer:
+    """The demo's classifier (128-dim, 4 blocks), the encoder of mae_vit_mini_patch16."""
+    return _vit(16, 128, 4, 4, **kwargs)
+
+
+@register_model("classifier")
 def vit_small_patch16(**kwargs) -> VisionTransformer:
     return _vit(16, 384, 12, 6, **kwargs)
 
