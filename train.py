@@ -65,14 +65,16 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     logger = RunLogger(run.output_dir, env.is_main, resumed=resume is not None)
     save_run_config(cfg, env)
-    eval_data = build_eval_data(cfg.data, cfg.model.num_classes, env, dtype) if finetune else None
+    eval_data = (checked(lambda: build_eval_data(cfg.data, cfg.model.num_classes, env, dtype), "--val_shards")
+                 if finetune else None)
     if run.eval_only:
         metrics = evaluate_only(engine, eval_data, cfg, env, dtype)
         logger.write({"kind": "eval", "global_step": state.global_step, **metrics})
         logger.close()
         return
 
-    train_data = build_train_data(cfg.data, run.mode, cfg.model.num_classes, env, run.seed, dtype)
+    train_data = checked(lambda: build_train_data(cfg.data, run.mode, cfg.model.num_classes, env, run.seed, dtype),
+                         "--train_shards")
     steps_per_epoch = optimizer_aligned_steps(len(train_data), run.max_steps_per_epoch, cfg.optim.accum_iter)
     eff_batch = effective_batch(cfg.data.batch_size_per_gpu, cfg.data.repeat_aug, cfg.optim.accum_iter,
                                 env.world_size)
