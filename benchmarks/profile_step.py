@@ -5,7 +5,8 @@
 Variants: `eager` is PyTorch alone (bf16 autocast, fp32 weights, fused AdamW), the reference for what the model
 itself costs; the others are train.py's engine (`build_model`, `build_optimizer`, the shipped ZeRO JSON) at a
 ZeRO stage, and `*-persist` additionally keeps every parameter gathered (ZeRO-3's per-module fetch/release is
-Python work per module; on few GPUs it can cost more than the step's math). `--profile NAME` prints the top
+Python work per module; on few GPUs it can cost more than the step's math), `*-leaf` makes each transformer
+block one ZeRO-3 leaf (one gather per block), `*-nooverlap` turns off overlap_comm. `--profile NAME` prints the top
 operators of that variant from torch.profiler.
 """
 
@@ -26,7 +27,9 @@ from mae_st.models import build_model
 
 PERSIST_ALL = {"stage3_param_persistence_threshold": int(1e10), "stage3_max_live_parameters": int(1e10),
                "stage3_prefetch_bucket_size": int(5e8)}
-STAGES = {"z0": (0, {}), "z2": (2, {}), "z3": (3, {}), "z3-persist": (3, PERSIST_ALL)}
+NO_OVERLAP = {"overlap_comm": False}
+STAGES = {"z0": (0, {}), "z2": (2, {}), "z2-nooverlap": (2, NO_OVERLAP), "z3": (3, {}),
+          "z3-persist": (3, PERSIST_ALL), "z3-leaf": (3, {}), "z3-leaf-nooverlap": (3, NO_OVERLAP)}
 
 
 def job_config(mode: str, model: str, clips: int, grad_checkpointing: bool) -> JobConfig:
@@ -68,6 +71,13 @@ def make_step(variant: str, cfg: JobConfig, device: torch.device):
     import deepspeed
 
     stage, extra = STAGES[variant]
+    if "leaf" in variant:
+        # one gather/release per transformer block instead of per Linear/LayerNorm: fewer ZeRO-3 hooks
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from mae_st.models.layers import Block
+
+        set_z3_leaf_modules(model, [Block])
     cfg.run.zero_stage = stage
     ds = fill_ds_config(load_ds_config(default_ds_config_path(cfg.run.mode)), cfg, 1,
                         bf16_supported=device.type == "cuda")
@@ -154,7 +164,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     print(f"\n{'variant':<12}{'s/step':>9}{'clips/s':>9}{'TFLOP/s':>9}{'peak GB':>9}")
     for row in rows:
-        print(f"{row['variant']:<12}" + ("".join(f"{row.get(k, '-'):>9}" for k in ("s/step", "clips/s", "TFLOP/s",
+        print(f"{row['variant']:<12}" + ("".join(f"{str(row.get(k, '-')):>9}" for k in ("s/step", "clips/s", "TFLOP/s",
                                                                                     "peak GB"))
                                         if "error" not in row else "  " + row["error"]))
     if args.out:
