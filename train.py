@@ -24,6 +24,7 @@ from mae_st.engine.metrics import RunLogger
 from mae_st.engine.optim import build_optimizer
 from mae_st.engine.schedule import base_lr, effective_batch
 from mae_st.engine.trainer import StopSignal, Trainer, TrainState, build_loss_fn, evaluate
+from mae_st.engine.zero import gather_whole_blocks_under_zero3
 from mae_st.models import build_model, load_checkpoint_file, load_encoder_into_classifier
 
 log = logging.getLogger("train")
@@ -48,6 +49,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if finetune and run.finetune and resume is None:
         load_pretrained(model, run.finetune)
     optimizer = build_optimizer(model, cfg.optim, finetune, env.device)
+    gather_whole_blocks_under_zero3(model, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     state = TrainState()

@@ -23,6 +23,7 @@ from benchmarks.flops import train_flops_per_clip
 from mae_st.config import JobConfig
 from mae_st.engine.ds_config import default_ds_config_path, fill_ds_config, load_ds_config
 from mae_st.engine.optim import build_optimizer
+from mae_st.engine.zero import gather_whole_blocks_under_zero3
 from mae_st.models import build_model
 
 PERSIST_ALL = {"stage3_param_persistence_threshold": int(1e10), "stage3_max_live_parameters": int(1e10),
@@ -72,12 +73,7 @@ def make_step(variant: str, cfg: JobConfig, device: torch.device):
 
     stage, extra = STAGES[variant]
     if "leaf" in variant:
-        # one gather/release per transformer block instead of per Linear/LayerNorm: fewer ZeRO-3 hooks
-        from deepspeed.utils import set_z3_leaf_modules
-
-        from mae_st.models.layers import Block
-
-        set_z3_leaf_modules(model, [Block])
+        gather_whole_blocks_under_zero3(model, {"zero_optimization": {"stage": stage}})
     cfg.run.zero_stage = stage
     ds = fill_ds_config(load_ds_config(default_ds_config_path(cfg.run.mode)), cfg, 1,
                         bf16_supported=device.type == "cuda")
