@@ -278,6 +278,21 @@ def _crash_or_sleep(job):
         time.sleep(60)
 
 
+def _crash_first_time(marker):
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        faulthandler.disable()
+        os.kill(os.getpid(), signal.SIGABRT)
+
+
+def test_a_job_that_crashed_once_gets_a_second_run(tmp_path):
+    outcomes = {}
+    marker = str(tmp_path / "crashed-once")
+    run_isolated([marker], _crash_first_time, workers=1, timeout=30,
+                 on_finish=lambda job, problem: outcomes.__setitem__(job, problem))
+    assert outcomes == {marker: None}
+
+
 def test_isolated_jobs_survive_crashed_and_hung_neighbours():
     outcomes = {}
     run_isolated(["ok1", "segfault", "exit", "hang", "ok2"], _crash_or_sleep, workers=2, timeout=1.5,

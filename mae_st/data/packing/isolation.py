@@ -4,7 +4,9 @@ A pool of long-lived workers (concurrent.futures) breaks as a whole when one wor
 stuck task; a fresh process per job can simply be killed or buried. Jobs are forked: that costs milliseconds
 (the decoder libraries are already loaded) and, unlike spawn/forkserver, does not re-run the caller's main
 script, so the Python API works from any script or notebook. A child only decodes and encodes, it never uses
-the parent's threads (tqdm, torch), which is what makes forking a threaded parent safe here.
+the parent's threads (tqdm, torch). Forking a parent whose other threads are busy (DALI, torch) can still, rarely,
+leave the child's heap inconsistent and abort it ("corrupted size vs. prev_size" was seen once in the test suite),
+so a crashed job runs once more before its file is given up: a really bad file crashes twice, a good one is kept.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Callable, Dict, Optional, Sequence, TypeVar
 
 Job = TypeVar("Job")
 POLL_SECONDS = 0.5
+ATTEMPTS_AFTER_CRASH = 2  # a hang is not retried: it would cost another full --timeout
 
 
 def run_isolated(jobs: Sequence[Job], target: Callable[[Job], None], *, workers: int, timeout: float,
@@ -25,29 +28,33 @@ def run_isolated(jobs: Sequence[Job], target: Callable[[Job], None], *, workers:
     called in this process as each ends: error is None on a clean exit, else "worker crashed ..." / "timed out ..."
     (a job that overruns `timeout` seconds is killed). Ctrl-C kills the running jobs and re-raises."""
     context = multiprocessing.get_context("fork")
-    pending = list(reversed(jobs))
-    running: Dict[int, tuple] = {}  # sentinel -> (process, job, deadline)
+    pending = [(job, 1) for job in reversed(jobs)]  # (job, attempt), next job last
+    running: Dict[int, tuple] = {}  # sentinel -> (process, job, attempt, deadline)
     try:
         while pending or running:
             while pending and len(running) < workers:
-                job = pending.pop()
+                job, attempt = pending.pop()
                 process = context.Process(target=target, args=(job,), daemon=True)
                 process.start()
-                running[process.sentinel] = (process, job, time.monotonic() + timeout)
+                running[process.sentinel] = (process, job, attempt, time.monotonic() + timeout)
             ready = wait(list(running), timeout=POLL_SECONDS)
             now = time.monotonic()
             for sentinel in list(running):
-                process, job, deadline = running[sentinel]
+                process, job, attempt, deadline = running[sentinel]
                 if sentinel in ready:
                     process.join()
                     del running[sentinel]
-                    on_finish(job, _exit_problem(process.exitcode))
+                    problem = _exit_problem(process.exitcode)
+                    if problem is not None and attempt < ATTEMPTS_AFTER_CRASH:
+                        pending.append((job, attempt + 1))
+                    else:
+                        on_finish(job, problem)
                 elif now > deadline:
                     _kill(process)
                     del running[sentinel]
                     on_finish(job, f"timed out after {timeout:g} s (decoder hung or file too long for --timeout)")
     finally:
-        for process, _, _ in running.values():
+        for process, *_ in running.values():
             _kill(process)
 
 
