@@ -1,12 +1,12 @@
 """Run one job per child process, a few at a time, so a decoder that crashes or hangs costs only its own job.
 
 A pool of long-lived workers (concurrent.futures) breaks as a whole when one worker dies and cannot stop one
-stuck task; a fresh process per job can simply be killed or buried. Jobs are forked: that costs milliseconds
-(the decoder libraries are already loaded) and, unlike spawn/forkserver, does not re-run the caller's main
-script, so the Python API works from any script or notebook. A child only decodes and encodes, it never uses
-the parent's threads (tqdm, torch). Forking a parent whose other threads are busy (DALI, torch) can still, rarely,
-leave the child's heap inconsistent and abort it ("corrupted size vs. prev_size" was seen once in the test suite),
-so a crashed job runs once more before its file is given up: a really bad file crashes twice, a good one is kept.
+stuck task; a fresh process per job can simply be killed or buried. Jobs are forked from a forkserver, a clean
+single-threaded process started once: forking the caller itself inherits its other threads' state (DALI, torch),
+which corrupted the heap of libx265 children in the test suite ("corrupted size vs. prev_size"). As with any
+multiprocessing code, a script that calls the packer's API needs an `if __name__ == "__main__":` guard. A job
+that crashes runs once more before its file is given up (a really bad file crashes twice; a transient failure
+such as the OOM killer does not cost a good file); a hang is not retried, it would cost another full timeout.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional, Sequence, TypeVar
 
 Job = TypeVar("Job")
 POLL_SECONDS = 0.5
-ATTEMPTS_AFTER_CRASH = 2  # a hang is not retried: it would cost another full --timeout
+ATTEMPTS_AFTER_CRASH = 2
 
 
 def run_isolated(jobs: Sequence[Job], target: Callable[[Job], None], *, workers: int, timeout: float,
@@ -27,7 +27,7 @@ def run_isolated(jobs: Sequence[Job], target: Callable[[Job], None], *, workers:
     """Run `target(job)` for every job in its own process, at most `workers` at once. `on_finish(job, error)` is
     called in this process as each ends: error is None on a clean exit, else "worker crashed ..." / "timed out ..."
     (a job that overruns `timeout` seconds is killed). Ctrl-C kills the running jobs and re-raises."""
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("forkserver")
     pending = [(job, 1) for job in reversed(jobs)]  # (job, attempt), next job last
     running: Dict[int, tuple] = {}  # sentinel -> (process, job, attempt, deadline)
     try:
