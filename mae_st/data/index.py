@@ -26,14 +26,25 @@ class SampleRef:
     index_line: str
 
 
+def declared_count(header: str, index_path: str) -> int:
+    """Samples an index declares in its header line (`v1.2 <count>`)."""
+    fields = header.split()
+    if len(fields) != 2 or fields[0] != INDEX_VERSION or not fields[1].isdigit():
+        raise ValueError(f"{index_path}: not a DALI webdataset index ('{INDEX_VERSION} <count>' header expected); "
+                         "rebuild it with the packer or wds2idx")
+    return int(fields[1])
+
+
+def index_text(lines: Sequence[str]) -> str:
+    """An index file's text: the header, then one line per sample."""
+    return f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
+
+
 def read_index(tar: str, index_path: str) -> List[SampleRef]:
     """Samples of `tar` in stored order, as listed by its DALI index file."""
     lines = Path(index_path).read_text().splitlines()
-    if not lines or not lines[0].startswith(INDEX_VERSION):
-        raise ValueError(f"{index_path}: not a DALI webdataset index ({INDEX_VERSION} header expected); "
-                         f"rebuild it with the packer or `wds2idx {tar} {index_path}`")
+    declared = declared_count(lines[0] if lines else "", index_path)
     samples = [SampleRef(tar, _key_of(line, index_path), line) for line in lines[1:] if line.strip()]
-    declared = int(lines[0].split()[1])
     if declared != len(samples):
         raise ValueError(f"{index_path}: header declares {declared} samples but lists {len(samples)}; rebuild it")
     return samples
@@ -57,8 +68,7 @@ def read_shard_indexes(tars: Sequence[str], index_paths: Sequence[str]) -> List[
 
 def write_index(samples: Iterable[SampleRef], index_path: str) -> None:
     """Write an index listing `samples` (all from one tar) in the given order."""
-    lines = [s.index_line for s in samples]
-    Path(index_path).write_text(f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))
+    Path(index_path).write_text(index_text([s.index_line for s in samples]))
 
 
 def _key_of(index_line: str, index_path: str) -> str:

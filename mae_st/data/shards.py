@@ -17,7 +17,7 @@ from typing import List, Sequence
 from braceexpand import braceexpand
 
 from mae_st.data.format import MANIFEST_NAME, SHARD_SUFFIX, index_name_for
-from mae_st.data.index import INDEX_VERSION
+from mae_st.data.index import declared_count
 
 _GLOB_CHARS = set("*?[")
 
@@ -59,11 +59,7 @@ def list_shards(spec: str) -> ShardSet:
 def read_index_count(index_path: str) -> int:
     """Samples an index declares in its header line (`v1.2 <count>`)."""
     with open(index_path) as f:
-        header = f.readline().split()
-    if len(header) != 2 or header[0] != INDEX_VERSION or not header[1].isdigit():
-        raise ValueError(f"{index_path}: not a DALI webdataset index ('{INDEX_VERSION} <count>' header expected); "
-                         "rebuild it with the packer or wds2idx")
-    return int(header[1])
+        return declared_count(f.readline(), index_path)
 
 
 def _from_manifest(manifest: str) -> ShardSet:

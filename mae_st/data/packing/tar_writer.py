@@ -13,7 +13,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-from mae_st.data.index import INDEX_VERSION
+from mae_st.data.index import index_text
 
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
@@ -36,7 +36,7 @@ class Member:
         return base[base.find(".") + 1:]
 
 
-def index_text(samples: Sequence[Sequence[Member]]) -> str:
+def shard_index_text(samples: Sequence[Sequence[Member]]) -> str:
     """The DALI index (`wds2idx` format v1.2) of a tar holding `samples` in this order."""
     lines, offset = [], 0
     for members in samples:
@@ -45,7 +45,7 @@ def index_text(samples: Sequence[Sequence[Member]]) -> str:
             fields.append(f"{member.ext} {offset + BLOCK} {member.size} {member.name}")
             offset += BLOCK + _padded(member.size)
         lines.append(" ".join(fields))
-    return f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
+    return index_text(lines)
 
 
 def tar_size(samples: Sequence[Sequence[Member]]) -> int:
@@ -57,7 +57,7 @@ def shard_is_complete(samples: Sequence[Sequence[Member]], tar_path: str, index_
     """A shard is done when its index (written last) matches the plan and the tar has the planned size."""
     try:
         with open(index_path) as f:
-            if f.read() != index_text(samples):
+            if f.read() != shard_index_text(samples):
                 return False
         return os.path.getsize(tar_path) == tar_size(samples)
     except OSError:
@@ -79,7 +79,7 @@ def write_shard(samples: Sequence[Sequence[Member]], tar_path: str, index_path: 
         raise RuntimeError(f"{tmp}: size differs from the plan (a source file changed while packing?)")
     os.replace(tmp, tar_path)
     with open(index_path + TMP_SUFFIX, "w") as f:
-        f.write(index_text(samples))
+        f.write(shard_index_text(samples))
     os.replace(index_path + TMP_SUFFIX, index_path)
 
 
