@@ -263,9 +263,9 @@ def test_hanging_file_times_out_and_costs_only_itself(tmp_path):
     raw = tmp_path / "raw"
     write_video(raw / "good.webm", moving_square_frames(8, 32, 32))
     os.mkfifo(raw / "stuck.mp4")  # opening a FIFO blocks until a writer comes: a decoder that never returns
-    result = pack(tmp_path / "out", data_dirs=[str(raw)], no_labels=True, timeout=2)
+    result = pack(tmp_path / "out", data_dirs=[str(raw)], no_labels=True, timeout=5)
     assert result.samples == 1
-    assert "timed out after 2 s" in failures(tmp_path / "out")[str(raw / "stuck.mp4")]
+    assert "timed out after 5 s" in failures(tmp_path / "out")[str(raw / "stuck.mp4")]
 
 
 def _crash_or_sleep(job):
@@ -294,12 +294,13 @@ def test_a_job_that_crashed_once_gets_a_second_run(tmp_path):
 
 
 def test_isolated_jobs_survive_crashed_and_hung_neighbours():
+    # the timeout covers a child's start too: under forkserver it imports this module before running its job
     outcomes = {}
-    run_isolated(["ok1", "segfault", "exit", "hang", "ok2"], _crash_or_sleep, workers=2, timeout=1.5,
+    run_isolated(["ok1", "segfault", "exit", "hang", "ok2"], _crash_or_sleep, workers=2, timeout=6,
                  on_finish=lambda job, problem: outcomes.__setitem__(job, problem))
     assert outcomes == {"ok1": None, "ok2": None, "segfault": "worker crashed (killed by SIGSEGV)",
                         "exit": "worker crashed (exit code 3)", "hang": outcomes["hang"]}
-    assert outcomes["hang"].startswith("timed out after 1.5 s")
+    assert outcomes["hang"].startswith("timed out after 6 s")
 
 
 # ---- determinism and resume --------------------------------------------------------------------------------------
