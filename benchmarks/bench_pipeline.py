@@ -2,9 +2,10 @@
 
 `pipeline` measures `build_train_loader` (what train.py iterates) for pretraining (repeat_aug clips per decoded
 video) and finetuning (one clip per video, RandAugment, random erasing, mixup/cutmix) on every shard set, then
-moves one lever at a time on the default set: videos per step, DALI threads, prefetch depth. Each row also has
-the NVDEC and SM utilisation and the device memory the pipeline added. `classic` runs the baseline over the
-default set with its batches copied to the device, and states our/classic.
+moves one lever at a time on the default set: concurrent pipelines per GPU (both modes, same total threads),
+videos per step, DALI threads, prefetch depth. Each row also has the NVDEC and SM utilisation and the device
+memory the pipeline added. `classic` runs the baseline over the default set with its batches copied to the
+device, and states our/classic.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mae_st.config import DataConfig
 
 NUM_CLASSES = 400  # mixup's one-hot width; the packed labels are far below it
 CPU_DECODABLE = ("vp8", "vp9")  # DALI's CPU video decoder (MJPEG too, which the packer does not write)
+PIPELINES_PER_GPU = (2, 4, 8)  # concurrent DALI pipelines tried in both modes; they share Sizes.num_threads
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class LoaderRun:
 
 def base_fields(sizes: Sizes, mode: str) -> Dict[str, object]:
     common = dict(num_frames=sizes.num_frames, img_size=sizes.img_size, num_threads=sizes.num_threads,
-                  prefetch_queue_depth=2)
+                  prefetch_queue_depth=2, pipelines_per_gpu=1)
     if mode == "pretrain":
         return dict(common, repeat_aug=sizes.repeat_aug, batch_size_per_gpu=sizes.pipeline_batch,
                     sampling_rate=sizes.sampling_rate)
@@ -49,9 +51,14 @@ def base_fields(sizes: Sizes, mode: str) -> Dict[str, object]:
 
 
 def plan_runs(sets: List[ShardSet], sizes: Sizes) -> List[LoaderRun]:
-    """Most telling first (the section stops at its deadline): default set, other sets, then the sweep."""
-    runs = [LoaderRun(s, mode, "base", base_fields(sizes, mode)) for s in sets for mode in ("pretrain", "finetune")]
+    """Most telling first (the section stops at its deadline): default set, its concurrent-pipeline runs, other
+    sets, then the sweep."""
+    modes = ("pretrain", "finetune")
+    runs = [LoaderRun(s, mode, "base", base_fields(sizes, mode)) for s in sets for mode in modes]
     runs.sort(key=lambda r: (not r.shard_set.default, r.mode != "pretrain"))
+    runs[len(modes):len(modes)] = [  # after the default set's base runs
+        LoaderRun(sets[0], mode, f"pipelines_per_gpu={k}", dict(base_fields(sizes, mode), pipelines_per_gpu=k))
+        for mode in modes for k in PIPELINES_PER_GPU]
     base = base_fields(sizes, "pretrain")
     levers = ([("batch_size_per_gpu", b) for b in sizes.sweep_batches]
               + [("num_threads", t) for t in sizes.sweep_threads]
@@ -85,9 +92,8 @@ def measure_dali(run: LoaderRun, device: torch.device, sizes: Sizes, seconds_lef
     try:
         with gpu_monitor.GpuMonitor() as monitor:
             loader = build_loader(cfg, run.mode, device, dtype)
-            # warm-up covers at least what DALI prefetched while the first batch was built
             timing = time_batches(lambda epoch: loader_epoch(loader, epoch), lambda batch: batch[0].shape[0],
-                                  warmup=max(sizes.loader_warmup, cfg.prefetch_queue_depth + 1),
+                                  warmup=warmup_batches(cfg, sizes),
                                   steps=sizes.loader_steps,
                                   max_seconds=min(sizes.loader_seconds, seconds_left), sync=lambda: sync(device))
             end = time.time()
@@ -101,7 +107,15 @@ def measure_dali(run: LoaderRun, device: torch.device, sizes: Sizes, seconds_lef
     frames = mean_frames(run.shard_set.path)
     return {**rates(timing, cfg.repeat_aug, sizes.num_frames, frames), **usage,
             "bs": cfg.batch_size_per_gpu, "repeat": cfg.repeat_aug, "threads": cfg.num_threads,
+            "pipelines": cfg.pipelines_per_gpu,
             "prefetch": cfg.prefetch_queue_depth, "steps": timing.steps, "epochs": timing.epochs, "bad": bad}
+
+
+def warmup_batches(cfg: DataConfig, sizes: Sizes) -> int:
+    """Untimed batches per epoch: at least what DALI prefetched while the first batch was built, rounded up to
+    whole rounds of the concurrent pipelines (their batches come in bursts of one per pipeline)."""
+    warmup = max(sizes.loader_warmup, cfg.prefetch_queue_depth + 1)
+    return -(-warmup // cfg.pipelines_per_gpu) * cfg.pipelines_per_gpu
 
 
 def build_loader(cfg: DataConfig, mode: str, device: torch.device, dtype: torch.dtype):

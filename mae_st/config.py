@@ -55,7 +55,10 @@ class DataConfig:
     repeat_aug: int = 1
     batch_size_per_gpu: int = 2  # videos per GPU micro-step; clips per step = batch_size_per_gpu * repeat_aug
     decode_device: str = "auto"  # auto | gpu | cpu
-    num_threads: int = 4  # DALI CPU threads per pipeline
+    num_threads: int = 8  # DALI CPU threads per GPU in total, shared by its pipelines
+    # concurrent DALI pipelines, each over a disjoint slice of the rank's part; 0: 4 when decoding on NVDEC (4 with
+    # 8 threads fed 509 clips/s on an H100, 1 pipeline 312: docs/performance.md), 1 on DALI's CPU decoder
+    pipelines_per_gpu: int = 0
     prefetch_queue_depth: int = 2
     shuffle_buffer: int = 256  # DALI reader initial_fill
     # spatial augmentation (pretraining defaults; finetuning overrides scales to (0.08, 1.0))
@@ -198,9 +201,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
     _value(d, "--batch_size_per_gpu", "data.batch_size_per_gpu", int, aliases=("--batch_size",),
            help="videos per GPU and micro-step; clips = this * --repeat_aug")
     _value(d, "--img_size", "data.img_size", int, aliases=("--input_size",))
-    for name in ("num_frames", "sampling_rate", "repeat_aug", "num_threads", "recount", "test_num_ensemble_views",
+    for name in ("num_frames", "sampling_rate", "repeat_aug", "recount", "test_num_ensemble_views",
                  "test_num_spatial_crops"):
         _value(d, f"--{name}", f"data.{name}", int)
+    _value(d, "--num_threads", "data.num_threads", int,
+           help="DALI CPU threads per GPU in total: each of the --pipelines_per_gpu pipelines gets "
+                "max(1, num_threads // pipelines_per_gpu)")
+    _value(d, "--pipelines_per_gpu", "data.pipelines_per_gpu", int,
+           help="DALI pipelines per GPU, run concurrently (round-robin) over disjoint slices of the rank's "
+                "samples; more keep the video decoder busy. 0 (default): 4 on NVDEC, 1 on the CPU decoder")
     for name in ("reprob", "mixup", "cutmix", "smoothing", "mixup_prob", "mixup_switch_prob"):
         _value(d, f"--{name}", f"data.{name}", float)
     for name in ("aa", "remode", "mixup_mode"):
@@ -293,6 +302,8 @@ def validate_job_config(cfg: JobConfig) -> None:
                         ("--checkpoint_period", run.checkpoint_period)):
         if value < 1:
             raise ConfigError(f"{flag} {value}: must be >= 1")
+    if data.pipelines_per_gpu < 0:
+        raise ConfigError(f"--pipelines_per_gpu {data.pipelines_per_gpu}: must be >= 1, or 0 for the default")
     if optim.warmup_epochs < 0 or optim.warmup_epochs > optim.epochs:
         raise ConfigError(f"--warmup_epochs {optim.warmup_epochs}: must be in [0, --epochs {optim.epochs}]")
     if not 0.0 < optim.layer_decay <= 1.0:

@@ -54,6 +54,7 @@ def test_finetune_mode_defaults_and_cls_token():
      "--model mae_vit_tiny_patch8"),
     (["--mode", "finetune", "--model", "vit_tiny_patch8", "--train_shards", "x"], "--val_shards is missing"),
     (PRETRAIN + ["--path_to_data_dir", "/videos"], "--path_to_data_dir"),
+    (PRETRAIN + ["--pipelines_per_gpu", "-1"], "--pipelines_per_gpu -1"),
 ])
 def test_bad_flags_give_one_error_line_naming_the_flag(capsys, argv, flag):
     line = error_line(capsys, argv)

@@ -19,7 +19,7 @@ from wds2idx import IndexCreator
 
 from mae_st.config import DataConfig
 from mae_st.data.format import SampleMeta, index_name_for, shard_name
-from mae_st.data.loader import build_eval_loader, build_train_loader
+from mae_st.data.loader import NVDEC_PIPELINES, build_eval_loader, build_train_loader, resolve_pipelines_per_gpu
 from mae_st.data.views import MultiViewAggregator
 from tests.video_factory import decode_frame_index, frame_index_frames, write_video
 
@@ -187,10 +187,49 @@ def test_eval_ranks_split_videos_without_gaps(shards):
     assert sum(len(s) for s in per_rank) == 8 and set().union(*per_rank) == {f"v{i}" for i in range(8)}
 
 
-def test_corrupt_sample_is_skipped_counted_and_logged(tmp_path, caplog):
+@pytest.mark.parametrize("pipelines, batch", [(2, 2), (3, 1)])  # sub-parts of 4+4 and of 2+3+3 samples
+def test_concurrent_pipelines_train_on_distinct_videos_and_replay_an_epoch(shards, pipelines, batch):
+    cfg = tiny_config(shards, repeat_aug=2, batch_size_per_gpu=batch, pipelines_per_gpu=pipelines)
+    loader = build_train_loader(cfg, "pretrain", num_classes=8, rank=0, world_size=1, device=DEVICE, seed=1)
+    assert len(loader) == 8 // batch
+    epochs = []
+    for _ in range(2):
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        for clips, labels in batches:
+            assert clips.shape == (batch * 2, 3, 4, 32, 32) and labels.shape == (batch * 2,)
+            assert [video_id_of(levels) for levels in pixel_levels(clips, cfg)] == labels.tolist()
+        epochs.append([int(x) for _, labels in batches for x in labels[::2]])
+    assert sorted(epochs[0]) == list(range(8))  # sub-part sizes are multiples of the batch: no video twice
+    assert epochs[0] == epochs[1]  # same seed and epoch: same batches in the same order (resume)
+    assert loader.stats.pipeline_builds == 2 * pipelines
+
+
+def test_default_pipeline_count_is_several_on_nvdec_and_one_on_the_cpu_decoder():
+    cfg = DataConfig()
+    assert cfg.pipelines_per_gpu == 0 and NVDEC_PIPELINES == 4
+    assert resolve_pipelines_per_gpu(cfg, decode_device_id=0) == NVDEC_PIPELINES
+    assert resolve_pipelines_per_gpu(cfg, decode_device_id=None) == 1
+    assert resolve_pipelines_per_gpu(dataclasses.replace(cfg, pipelines_per_gpu=3), None) == 3
+    with pytest.raises(ValueError, match="pipelines_per_gpu=-1"):
+        resolve_pipelines_per_gpu(dataclasses.replace(cfg, pipelines_per_gpu=-1), None)
+
+
+@pytest.mark.parametrize("pipelines", [2, 3])
+def test_concurrent_pipelines_evaluate_every_video_once(shards, pipelines):
+    cfg = tiny_config(shards, test_num_ensemble_views=1, test_num_spatial_crops=1, batch_size_per_gpu=3,
+                      pipelines_per_gpu=pipelines)
+    loader = build_eval_loader(cfg, rank=0, world_size=1, device=DEVICE)
+    batches = [video_ids for _, _, video_ids in loader]
+    assert len(batches) == len(loader)  # per pipeline: 2 of them read 3+1 videos each, 3 read 2, 3 and 3
+    assert sorted(vid for ids in batches for vid in ids) == sorted(f"v{i}" for i in range(8))
+
+
+@pytest.mark.parametrize("pipelines", [1, 2])
+def test_corrupt_sample_is_skipped_counted_and_logged(tmp_path, caplog, pipelines):
     folder = write_shards(tmp_path, [4], corrupt={"v1"})
     cfg = tiny_config(folder, batch_size_per_gpu=2, test_num_ensemble_views=1, test_num_spatial_crops=1,
-                      max_bad_sample_fraction=0.5)
+                      max_bad_sample_fraction=0.5, pipelines_per_gpu=pipelines)
     loader = build_eval_loader(cfg, rank=0, world_size=1, device=DEVICE)
     with caplog.at_level(logging.WARNING):
         ids = [vid for _, _, video_ids in loader for vid in video_ids]
@@ -199,9 +238,11 @@ def test_corrupt_sample_is_skipped_counted_and_logged(tmp_path, caplog):
     assert "v1" in caplog.text
 
 
-def test_training_skips_corrupt_sample_and_keeps_step_count(tmp_path):
+@pytest.mark.parametrize("pipelines", [1, 2])
+def test_training_skips_corrupt_sample_and_keeps_step_count(tmp_path, pipelines):
     folder = write_shards(tmp_path, [4], corrupt={"v2"})
-    cfg = tiny_config(folder, repeat_aug=1, batch_size_per_gpu=1, max_bad_sample_fraction=0.5)
+    cfg = tiny_config(folder, repeat_aug=1, batch_size_per_gpu=1, max_bad_sample_fraction=0.5,
+                      pipelines_per_gpu=pipelines)
     loader = build_train_loader(cfg, "pretrain", num_classes=4, rank=0, world_size=1, device=DEVICE)
     labels = [int(x) for _, batch in loader for x in batch]
     assert len(labels) == len(loader) == 4 and 2 not in labels and {0, 1, 3} <= set(labels)
