@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from mae_st.config import DataConfig, JobConfig, ModelConfig
-from mae_st.demo import generate_moving_digits
+from mae_st.demo import generate_camera_motion
 from mae_st.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def run_dir(tmp_path_factory) -> Path:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "checkpoint.safetensors"))
     job = JobConfig(model=MODEL, data=DATA)
     (root / "config.json").write_text(json.dumps(dataclasses.asdict(job)))
-    generate_moving_digits(root / "videos", num_train=2, num_val=0, num_frames=20, size=48, seed=0)
+    generate_camera_motion(root / "videos", num_train=2, num_val=0, num_frames=20, size=48, seed=0)
     return root
 
 

@@ -1,8 +1,8 @@
-"""Writes the "Moving Digits" demo set: class folders of short VP9 videos whose class is the digit's motion.
+"""Writes the "Camera Motion" demo set: class folders of short VP9 videos whose class is the camera's motion.
 
     python tools/make_demo_data.py --out_dir demo_out/videos [--num_train 400 --num_val 100 --seed 0]
 
-Output: <out_dir>/{train,val}/<class>/<split>_<index>.webm and <out_dir>/moving_digits.json (the summary).
+Output: <out_dir>/{train,val}/<class>/<split>_<index>.webm and <out_dir>/camera_motion.json (the summary).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mae_st.demo.moving_digits import DEFAULT_CLASSES, generate_moving_digits
+from mae_st.demo.camera_motion import DEFAULT_CLASSES, generate_camera_motion
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    summary = generate_moving_digits(
+    summary = generate_camera_motion(
         args.out_dir, num_train=args.num_train, num_val=args.num_val, num_frames=args.num_frames,
         size=args.size, seed=args.seed, fps=args.fps, classes=args.classes,
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-# Fastest libvpx settings: demo clips are tiny, and quality at crf 30 is plenty for 64x64 digits.
+# Fastest libvpx settings: demo clips are tiny, and quality at crf 30 is plenty for 64x64 frames.
 VP9_OPTIONS = {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b": "0"}
 
 
