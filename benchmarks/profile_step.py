@@ -108,7 +108,9 @@ VARIANTS: Dict[str, Variant] = {
                                   "module; its ZeRO-3 hooks are compiler-disabled, so graphs break around them)",
                                   3, FAST, leaf="block", engine_compile=True),
     "z3-deepcompile": Variant("ZeRO-3 shipped JSON + DeepSpeed DeepCompile (compile.deepcompile, "
-                              "engine.compile(): gathers/reduces in the compiled graph, no hooks; CUDA only)",
+                              "engine.compile(): gathers/reduces in the compiled graph, no hooks; CUDA only; "
+                              "on Hopper set TORCH_CUDA_ARCH_LIST=9.0, its op build fails on '9.0a'; its first "
+                              "ViT-H step took over 4 minutes to compile on an H100)",
                               3, deepcompile=True),
 }
 DEFAULT_VARIANTS = "eager,eager-compile,z3-leaf,z3-leaf-nomel,z3-leaf-fast,z3-stack-fast,z3-fast-compile"
