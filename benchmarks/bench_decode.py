@@ -34,6 +34,10 @@ from typing import Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.bench_pipeline import release_dali_memory  # noqa: E402
+from benchmarks.harness import sync  # noqa: E402
 
 VARIANTS = ("full", "range-idx", "range-noidx", "range-start0", "frames-list")
 RANDOM_START = ("range-idx", "range-noidx", "frames-list")  # variants whose frames depend on a random start
@@ -148,11 +152,8 @@ def build(shards, variant: str, args, threads: int, seed: int, shard_id: int = 0
 # ---- measurement ------------------------------------------------------------------------------------------------
 
 
-def sync(args) -> None:
-    if args.device == "gpu":
-        import torch
-
-        torch.cuda.synchronize()
+def torch_device(args) -> torch.device:
+    return torch.device("cuda" if args.device == "gpu" else "cpu")
 
 
 def shape_summary(batch) -> Dict[str, object]:
@@ -192,17 +193,17 @@ def measure(shards, variant: str, args, k: int) -> Dict[str, object]:
                 break
         if not shape:
             shape = shape_summary(step())
-        sync(args)
+        sync(torch_device(args))
         clock, iters = time.perf_counter(), 0
         while iters < args.iters and time.perf_counter() - clock < args.seconds:
             step()
             iters += 1
-        sync(args)
+        sync(torch_device(args))
         seconds = time.perf_counter() - clock
         end = time.time()
     usage = monitor.window(end - seconds, end, None)
     pipes.clear()  # drops the pipelines before the next row builds its own
-    release_memory()
+    release_dali_memory()
     return {"clips/s": iters * args.batch / seconds, **shape, "s/iter": seconds / iters, "iters": iters,
             "threads/pipe": threads, "build s": build_s, "nvdec %": usage["nvdec %"], "sm %": usage["sm %"]}
 
@@ -226,19 +227,8 @@ def verify(shards, variant: str, args) -> Optional[float]:
         diff = np.abs(clip.astype(np.int16) - expected.astype(np.int16)).reshape(args.clip, -1).mean(axis=1)
         worst = max(worst, float(diff.max()))
     del pipe
-    release_memory()
+    release_dali_memory()
     return worst
-
-
-def release_memory() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        from nvidia.dali.backend import ReleaseUnusedMemory
-    except ImportError:
-        return
-    ReleaseUnusedMemory()
 
 
 # ---- table ------------------------------------------------------------------------------------------------------
@@ -273,8 +263,6 @@ def first_lines(err: BaseException, n: int = 3) -> str:
 def device_name(args) -> str:
     if args.device == "gpu":
         try:
-            import torch
-
             return torch.cuda.get_device_name(0)
         except Exception as err:  # noqa: BLE001 - informational only
             return f"gpu ({err})"
@@ -303,7 +291,7 @@ def main(argv=None) -> int:
             except Exception as err:  # noqa: BLE001 - one variant failing must not end the others
                 row["error"] = first_lines(err)
                 row["traceback"] = traceback.format_exc()
-                release_memory()
+                release_dali_memory()
             rows.append(row)
             print(fmt_row(row), flush=True)
             if args.out:  # after every row, so a run cut short keeps what it measured
