@@ -272,3 +272,23 @@ def test_aggregator_averages_views_split_across_batches_and_ranks():
         assert torch.allclose(mean, rows.softmax(dim=1).mean(dim=0))
     result = rank0.accuracy()
     assert result == {"acc1": 50.0, "acc5": 100.0, "videos": 2}
+
+
+def test_random_clip_start_is_uniform_over_every_valid_start():
+    """DALI's float -> int cast rounds to nearest; the start must be floored, or the first start gets half the odds
+    and the last one and a half times."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from mae_st.data.pipeline import _random_start
+
+    cfg = DataConfig(num_frames=4, sampling_rate=1)  # span 4: a 7-frame video has starts 0..3
+
+    @pipeline_def(batch_size=1000, num_threads=1, device_id=None, seed=1)
+    def starts():
+        return _random_start(fn.cast(fn.random.uniform(values=[7.0]), dtype=types.INT32), cfg)
+
+    pipe = starts()
+    pipe.build()
+    drawn = np.concatenate([np.asarray(pipe.run()[0].as_tensor()).ravel() for _ in range(4)])
+    counts = np.bincount(drawn, minlength=4)
+    assert len(counts) == 4 and counts.min() > 880 and counts.max() < 1120, counts  # 1000 each, +-4 sigma

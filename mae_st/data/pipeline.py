@@ -150,7 +150,9 @@ def _random_start(count, cfg: DataConfig):
     """Uniform integer start in [0, max(count - span, 0)], the original's random temporal jitter."""
     last_start = dmath.max(count - _clip_span(cfg), 0)
     u = fn.random.uniform(range=[0.0, 1.0])
-    start = fn.cast(u * fn.cast(last_start + 1, dtype=types.FLOAT), dtype=types.INT32)
+    # floor before the cast: DALI's float -> int cast rounds to nearest, which gave start 0 half the odds of the
+    # others and the last start one and a half times
+    start = fn.cast(dmath.floor(u * fn.cast(last_start + 1, dtype=types.FLOAT)), dtype=types.INT32)
     return dmath.min(start, last_start)
 
 
