@@ -1,6 +1,7 @@
-"""The DALI video pipeline over real shards the tests write: VP9 on the CPU backend by default.
+"""The DALI video pipeline over real shards the tests write: VP9 on the CPU backend by default, and every test
+again on the jpeg payload (one JPEG per frame, `--codec jpeg` in the packer).
 
-The same tests check the GPU path (NVDEC through DALI's "mixed" decoder) with
+The same tests check the GPU path (NVDEC/nvJPEG through DALI's "mixed" decoders) with
 `MAE_ST_TEST_DECODE=gpu MAE_ST_TEST_CODEC=h264|vp9` (benchmarks/bench.py runs both).
 """
 
@@ -15,10 +16,13 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from torchvision.io import encode_jpeg
 from wds2idx import IndexCreator
 
 from mae_st.config import DataConfig
-from mae_st.data.format import SampleMeta, index_name_for, shard_name
+from mae_st.data.format import SampleMeta, frame_file_name, index_name_for, shard_name
+from mae_st.data.frames import FRAMES, VIDEO, random_starts, shard_payload, uniform_starts
+from mae_st.data.index import read_shard_indexes
 from mae_st.data.loader import NVDEC_PIPELINES, build_eval_loader, build_train_loader, resolve_pipelines_per_gpu
 from mae_st.data.views import MultiViewAggregator
 from tests.video_factory import decode_frame_index, frame_index_frames, write_video
@@ -44,8 +48,9 @@ def blue_level(video_id: int) -> int:
     return 30 + 25 * video_id
 
 
-def write_shards(folder: Path, videos_per_shard: list, corrupt: set = frozenset()) -> str:
-    """Shards of CODEC samples; sample i has key v<i>, label i and LONG frames (SHORT when i % 4 == 3)."""
+def write_shards(folder: Path, videos_per_shard: list, payload: str, corrupt: set = frozenset()) -> str:
+    """Shards of CODEC samples (or, for the frames payload, a JPEG per frame); sample i has key v<i>, label i
+    and LONG frames (SHORT when i % 4 == 3)."""
     folder.mkdir(parents=True, exist_ok=True)
     vid = 0
     for shard, count in enumerate(videos_per_shard):
@@ -54,20 +59,39 @@ def write_shards(folder: Path, videos_per_shard: list, corrupt: set = frozenset(
             for _ in range(count):
                 key = f"v{vid}"
                 frames = SHORT if vid % 4 == 3 else LONG
-                path = write_video(folder / "src" / f"{key}.{VIDEO_EXT}", video_frames(frames, vid))
-                payload = b"\x1aE\xdf\xa3 not a video" * 50 if key in corrupt else path.read_bytes()
-                meta = SampleMeta(key=key, label=vid, label_name=f"class{vid}", source=str(path), frames=frames,
+                meta = SampleMeta(key=key, label=vid, label_name=f"class{vid}", source=key, frames=frames,
                                   fps=30.0, width=WIDTH, height=HEIGHT, duration=frames / 30, codec=CODEC)
-                writer.write({"__key__": key, VIDEO_EXT: payload, "json": meta.to_json()})
+                sample = {"__key__": key, "json": meta.to_json()}
+                if payload == FRAMES:
+                    sample.update(jpeg_members(video_frames(frames, vid), corrupt=key in corrupt))
+                else:
+                    path = write_video(folder / "src" / f"{key}.{VIDEO_EXT}", video_frames(frames, vid))
+                    sample[VIDEO_EXT] = b"\x1aE\xdf\xa3 not a video" * 50 if key in corrupt else path.read_bytes()
+                writer.write(sample)
                 vid += 1
         with IndexCreator(tar, index_name_for(tar), verbose=False) as creator:
             creator.create_index()
     return str(folder)
 
 
+def jpeg_members(frames: np.ndarray, corrupt: bool) -> dict:
+    """The frames payload: member `<i:06d>.jpg` per frame; a corrupt sample's frames are not JPEGs (only the
+    frames a clip reads are decoded, so all of them are broken)."""
+    members = {}
+    for i, frame in enumerate(frames):
+        data = encode_jpeg(torch.from_numpy(frame).permute(2, 0, 1).contiguous(), quality=95).numpy().tobytes()
+        members[frame_file_name(i)] = b"\xff\xd8\xff not a jpeg" * 20 if corrupt else data
+    return members
+
+
+@pytest.fixture(scope="module", params=[VIDEO, FRAMES])
+def payload(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    return write_shards(tmp_path_factory.mktemp("shards"), [5, 3])
+def shards(tmp_path_factory, payload) -> str:
+    return write_shards(tmp_path_factory.mktemp("shards"), [5, 3], payload)
 
 
 def tiny_config(shards: str, **overrides) -> DataConfig:
@@ -127,7 +151,8 @@ def test_repeat_aug_clips_are_different_views_of_one_video(shards):
         assert len({video_id_of(lv) for lv in levels}) == 1
         starts = {frame_indices(lv)[0] for lv in levels}
         distinct_pixels = not all(torch.equal(group[0], g) for g in group[1:])
-        assert distinct_pixels and (len(starts) > 1 or labels[4 * video] % 4 == 3)
+        # a SHORT video has one start only, and its flat frames look alike under every crop and flip
+        assert (distinct_pixels and len(starts) > 1) or labels[4 * video] % 4 == 3
 
 
 def test_epochs_differ_and_repeat_with_the_same_epoch(shards):
@@ -226,8 +251,8 @@ def test_concurrent_pipelines_evaluate_every_video_once(shards, pipelines):
 
 
 @pytest.mark.parametrize("pipelines", [1, 2])
-def test_corrupt_sample_is_skipped_counted_and_logged(tmp_path, caplog, pipelines):
-    folder = write_shards(tmp_path, [4], corrupt={"v1"})
+def test_corrupt_sample_is_skipped_counted_and_logged(tmp_path, caplog, pipelines, payload):
+    folder = write_shards(tmp_path, [4], payload, corrupt={"v1"})
     cfg = tiny_config(folder, batch_size_per_gpu=2, test_num_ensemble_views=1, test_num_spatial_crops=1,
                       max_bad_sample_fraction=0.5, pipelines_per_gpu=pipelines)
     loader = build_eval_loader(cfg, rank=0, world_size=1, device=DEVICE)
@@ -239,8 +264,8 @@ def test_corrupt_sample_is_skipped_counted_and_logged(tmp_path, caplog, pipeline
 
 
 @pytest.mark.parametrize("pipelines", [1, 2])
-def test_training_skips_corrupt_sample_and_keeps_step_count(tmp_path, pipelines):
-    folder = write_shards(tmp_path, [4], corrupt={"v2"})
+def test_training_skips_corrupt_sample_and_keeps_step_count(tmp_path, pipelines, payload):
+    folder = write_shards(tmp_path, [4], payload, corrupt={"v2"})
     cfg = tiny_config(folder, repeat_aug=1, batch_size_per_gpu=1, max_bad_sample_fraction=0.5,
                       pipelines_per_gpu=pipelines)
     loader = build_train_loader(cfg, "pretrain", num_classes=4, rank=0, world_size=1, device=DEVICE)
@@ -249,8 +274,8 @@ def test_training_skips_corrupt_sample_and_keeps_step_count(tmp_path, pipelines)
     assert loader.stats.bad_keys == ["v2"]
 
 
-def test_mostly_corrupt_shards_stop_with_a_clear_error(tmp_path):
-    folder = write_shards(tmp_path, [4], corrupt={"v0", "v1", "v2"})
+def test_mostly_corrupt_shards_stop_with_a_clear_error(tmp_path, payload):
+    folder = write_shards(tmp_path, [4], payload, corrupt={"v0", "v1", "v2"})
     cfg = tiny_config(folder, test_num_ensemble_views=1, test_num_spatial_crops=1)
     with pytest.raises(RuntimeError, match="max_bad_sample_fraction"):
         list(build_eval_loader(cfg, rank=0, world_size=1, device=DEVICE))
@@ -292,3 +317,20 @@ def test_random_clip_start_is_uniform_over_every_valid_start():
     drawn = np.concatenate([np.asarray(pipe.run()[0].as_tensor()).ravel() for _ in range(4)])
     counts = np.bincount(drawn, minlength=4)
     assert len(counts) == 4 and counts.min() > 880 and counts.max() < 1120, counts  # 1000 each, +-4 sigma
+
+
+def test_frames_payload_draws_uniform_starts_and_refuses_a_mixed_set(tmp_path):
+    cfg = DataConfig(num_frames=4, sampling_rate=1, test_num_ensemble_views=3)  # span 4
+    counts = np.bincount(random_starts(7, cfg, 4000, np.random.default_rng(0)), minlength=4)
+    assert len(counts) == 4 and counts.min() > 880 and counts.max() < 1120, counts
+    assert uniform_starts(40, cfg) == [0, 18, 36] and uniform_starts(3, cfg) == [0, 0, 0]
+    video = read_shard_indexes(*_tar_and_index(write_shards(tmp_path / "v", [1], VIDEO)))
+    frames = read_shard_indexes(*_tar_and_index(write_shards(tmp_path / "f", [1], FRAMES)))
+    assert shard_payload(video) == VIDEO and shard_payload(frames) == FRAMES
+    with pytest.raises(ValueError, match="mixes video samples .* with jpeg-frame samples"):
+        shard_payload(video + frames)
+
+
+def _tar_and_index(folder: str):
+    tars = sorted(str(p) for p in Path(folder).glob("*.tar"))
+    return tars, [index_name_for(t) for t in tars]

@@ -19,6 +19,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from wds2idx import IndexCreator
 
@@ -195,6 +196,44 @@ def test_transcode_resizes_resamples_and_sets_keyframes(codec, ext, tmp_path):
         keys = [frame.key_frame for frame in container.decode(video=0)]
         assert container.streams.video[0].codec_context.name == {"h264": "h264", "hevc": "hevc", "vp9": "vp9"}[codec]
     assert len(keys) == 15 and [i for i, k in enumerate(keys) if k] == [0, 5, 10]
+
+
+def test_jpeg_payload_stores_each_frame_as_an_image_the_loader_reads_back(tmp_path):
+    write_video(tmp_path / "raw" / "a" / "v.webm", frame_index_frames(20, 48, 64), fps=10)
+    write_video(tmp_path / "raw" / "b" / "w.webm", frame_index_frames(12, 48, 64), fps=10)
+    out = tmp_path / "out"
+    result = pack(out, data_dirs=[str(tmp_path / "raw")], codec="jpeg", short_side=32, segment_seconds=1.0)
+    assert result.samples == 3 and not failures(out)  # v: two 10-frame segments; w: 10 frames (tail < 4 dropped)
+    samples = tar_samples(out / "train-000000.tar")
+    for key, sample in samples.items():
+        frames = sorted(k for k in sample if k.endswith(".jpg"))
+        meta = SampleMeta.from_json(sample["json"])
+        assert frames == [f"{i:06d}.jpg" for i in range(10)] and (meta.frames, meta.codec) == (10, "jpeg")
+        levels = [decoded_frames(sample[name]).mean() for name in frames]
+        first = 10 * meta.segment
+        assert [decode_frame_index(level) for level in levels] == list(range(first, first + 10))
+        assert decoded_frames(sample[frames[0]]).shape == (1, 32, 42, 3)
+    rows = manifest(out)
+    assert {int(r["bytes"]) for r in rows} == {sum(len(v) for k, v in samples[r["key"]].items() if k.endswith(".jpg"))
+                                              for r in rows}
+
+    from mae_st.config import DataConfig
+    from mae_st.data.loader import build_train_loader
+
+    cfg = DataConfig(train_shards=str(out), num_frames=3, sampling_rate=2, img_size=16, batch_size_per_gpu=3,
+                     repeat_aug=2, num_threads=1, mean=(0.0,) * 3, std=(1.0,) * 3)
+    (clips, _), = list(build_train_loader(cfg, "pretrain", num_classes=2, rank=0, world_size=1,
+                                          device=torch.device("cpu")))
+    for clip in clips:  # every clip reads frames start, start + 2, start + 4 of one 10-frame segment
+        indices = [decode_frame_index(float(level) * 255) for level in clip.mean(dim=(0, 2, 3))]
+        assert np.diff(indices).tolist() == [2, 2] and indices[0] % 10 <= 5
+
+
+def test_jpeg_payload_refuses_settings_it_cannot_honour(class_dirs, tmp_path):
+    with pytest.raises(ValueError, match="--gop has no meaning for --codec jpeg"):
+        pack(tmp_path / "out", data_dirs=[str(class_dirs)], codec="jpeg", gop=5)
+    with pytest.raises(ValueError, match="--crf 40: for --codec jpeg it is the JPEG quantiser"):
+        pack(tmp_path / "out", data_dirs=[str(class_dirs)], codec="jpeg", crf=40)
 
 
 def test_copy_mode_stores_original_bytes_and_refuses_changes(class_dirs, tmp_path):

@@ -23,6 +23,9 @@ Keyframes every 1 s by default (--gop): a clip read at random starts at most 1 s
 seeking decodes little waste, while keyframes stay a small share of the bytes. Transcoding also turns rotated
 phone footage upright, makes the frame rate constant, removes B-frames and rounds sizes to even numbers.
 --codec copy stores the original files unchanged (each is fully decoded once to check it).
+--codec jpeg stores every frame as its own JPEG (<key>.000000.jpg, ...), so a clip is read and decoded frame by
+frame (nvJPEG on the GPU) instead of decoding a whole video per clip: much faster for one-clip-per-video
+finetuning, at several times the bytes of VP9 (--fps and --short_side shrink it). See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -48,12 +51,13 @@ def parse_options(argv: Optional[List[str]] = None) -> PackOptions:
     p.add_argument("--prefix", default=defaults.prefix, help="shard name prefix, e.g. train or val")
     p.add_argument("--no_labels", action="store_true", help="unlabelled footage (pretraining): label -1")
     p.add_argument("--codec", default=defaults.codec, choices=CODECS, help="vp9 (default, see above), h264, "
-                   "hevc, or copy (store the original bytes; no resize/fps/segments)")
+                   "hevc, jpeg (one image per frame) or copy (store the original bytes; no resize/fps/segments)")
     p.add_argument("--short_side", type=int, help="downscale so the shorter side is this many pixels (e.g. 256, "
                    "320); aspect kept, sizes even, never upscaled")
     p.add_argument("--fps", type=float, help="resample to this frame rate (default: the source's)")
     p.add_argument("--gop", type=int, help="frames between keyframes (default: one keyframe per second)")
-    p.add_argument("--crf", type=int, help="quality, lower is better (defaults: vp9 32, h264 23, hevc 28)")
+    p.add_argument("--crf", type=int, help="quality, lower is better (defaults: vp9 32, h264 23, hevc 28; jpeg: quantiser "
+                   "2-31, default 3)")
     p.add_argument("--segment_seconds", type=float, help="split long recordings into samples of this length")
     p.add_argument("--min_frames", type=int, default=defaults.min_frames, help="reject videos (and drop last "
                    "segments) with fewer frames")

@@ -1,7 +1,8 @@
 """The shard format, shared by the writer (`tools/shard_videos.py`) and the reader (`mae_st.data`).
 
 A shard set is a folder holding:
-  <prefix>-000000.tar ...   WebDataset tars; each sample is `<key>.<video ext>` + `<key>.json`
+  <prefix>-000000.tar ...   WebDataset tars; each sample is `<key>.<video ext>` + `<key>.json`, or for the
+                            jpeg payload `<key>.000000.jpg`, `<key>.000001.jpg`, ... (one per frame) + `<key>.json`
   <prefix>-000000.idx ...   DALI index file of each tar (lets `fn.readers.webdataset` seek without a scan)
   manifest.csv              one row per packed sample (the "datafile" of the original repo)
   labels.json               label name -> index
@@ -13,6 +14,7 @@ Keeping these names and the metadata schema here means writer and reader cannot 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -21,6 +23,9 @@ FORMAT_VERSION = 1
 # Container extensions a video member may carry; DALI maps all of them to one output ("a;b;c").
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 META_EXT = "json"
+# jpeg payload: frame i of a sample is the member `<key>.<i:06d>.jpg`
+FRAME_EXT = "jpg"
+_FRAME_MEMBER_EXT = re.compile(r"\d{6}\." + FRAME_EXT)
 
 MANIFEST_NAME = "manifest.csv"
 LABELS_NAME = "labels.json"
@@ -35,6 +40,15 @@ MANIFEST_COLUMNS = (
     "key", "shard", "label", "label_name", "source", "segment", "start_sec", "end_sec",
     "frames", "fps", "width", "height", "duration", "codec", "bytes",
 )
+
+
+def frame_file_name(index: int) -> str:
+    """Frame `index`'s file name; the tar member is `<key>.<this>`, so its WebDataset extension is this."""
+    return f"{index:06d}.{FRAME_EXT}"
+
+
+def is_frame_ext(ext: str) -> bool:
+    return _FRAME_MEMBER_EXT.fullmatch(ext) is not None
 
 
 def shard_name(prefix: str, index: int) -> str:

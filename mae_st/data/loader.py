@@ -16,7 +16,9 @@ bad samples met, so an epoch replays exactly; k = 1 is the single pipeline (same
 Corrupt samples: DALI's video decoder raises when the batch holding one is fetched, and the whole batch is
 lost. The error names the sample ("<tar>:<offset>:<name>"), so the loader counts and logs it, then rebuilds
 that pipeline over the samples of its sub-part not yet delivered this epoch, minus the bad one; nothing good
-is lost or repeated. In training a sub-part that runs out waits while others still hold unseen samples; when
+is lost or repeated. DALI's image decoder (jpeg payload) names no sample, so for that payload the loader
+shuffles in Python and reads in index order: it knows which samples the failed batch held and decodes their
+frames on the CPU to find the bad one. In training a sub-part that runs out waits while others still hold unseen samples; when
 all ran out before the epoch's step count (bad samples, uneven split), they start another pass.
 """
 
@@ -41,6 +43,7 @@ from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_type
 from mae_st.config import DataConfig
 from mae_st.data.augment import ClipMixup, ClipRandomErasing, mixup_enabled
 from mae_st.data.epoch_plan import epoch_order, rank_part, train_steps_per_epoch
+from mae_st.data.frames import FRAMES, shard_payload, undecodable_frame, with_clip_frames
 from mae_st.data.index import SampleRef, read_shard_indexes, write_index
 from mae_st.data.pipeline import ReaderSpec, build_eval_pipeline, build_train_pipeline
 from mae_st.data.shards import list_shards
@@ -76,6 +79,9 @@ class _Stream:
     attempt: int = -1  # its pipelines built this epoch, less one: part of the seed, so an epoch replays exactly
     pipe: Optional[Pipeline] = None
     primed: bool = False  # the build scheduled the first iterations already
+    order: List[SampleRef] = field(default_factory=list)  # what the pipeline reads, in order (jpeg payload)
+    fetched: int = 0  # batches the pipeline delivered
+
 
     def run(self):
         """The next batch: DALI's `run()` (schedule one iteration, fetch the oldest) with the first schedule
@@ -84,7 +90,9 @@ class _Stream:
             self.primed = False
         else:
             self.pipe.schedule_run()
-        return self.pipe.outputs()
+        outputs = self.pipe.outputs()
+        self.fetched += 1
+        return outputs
 
 
 def resolve_decode_device(cfg: DataConfig, device: torch.device) -> Optional[int]:
@@ -127,6 +135,7 @@ class VideoLoader:
         self.num_samples = sum(len(samples) for samples in self.per_tar)
         if self.num_samples == 0:
             raise ValueError(f"no readable samples in {len(tars)} shards (first: {tars[0] if tars else None})")
+        self.payload = shard_payload(self.per_tar)
         self.epoch = 0
         self.stats = LoaderStats()
         self._bad: set = set()  # (tar, key) of samples that failed to decode
@@ -162,7 +171,7 @@ class VideoLoader:
                 clips, meta = stream.run()
                 self.stats.wait_seconds += time.perf_counter() - started
             except RuntimeError as err:
-                self._record_bad_sample(err, stream.remaining)
+                self._record_bad_sample(err, stream)
                 streams.append(self._rebuild(stream))
                 continue
             streams.append(stream)
@@ -205,27 +214,42 @@ class VideoLoader:
         """A fresh pipeline for the stream's undelivered samples (none when nothing is left)."""
         stream.attempt += 1
         stream.pipe = None  # the old one's memory goes before the new one takes its own
+        stream.fetched = 0
         if stream.remaining:
-            stream.pipe = self._build(stream.remaining, stream.attempt * self.num_pipelines + stream.index)
+            stream.pipe = self._build(stream, stream.attempt * self.num_pipelines + stream.index)
             stream.pipe.schedule_run()  # starts decoding ahead now, not at the stream's first turn
             stream.primed = True
         return stream
 
-    def _build(self, remaining: "OrderedDict[str, SampleRef]", attempt: int) -> Pipeline:
-        """A fresh pipeline reading exactly `remaining` (in order), seeded by seed, epoch, rank and attempt
+    def _build(self, stream: _Stream, attempt: int) -> Pipeline:
+        """A fresh pipeline reading exactly the stream's remaining samples, seeded by seed, epoch, rank and attempt
         (which counts builds x pipelines_per_gpu + stream, so concurrent pipelines get distinct seeds)."""
-        tars, index_paths = self._write_indexes(remaining.values())
         seed = (self.seed * 1_000_003 + self.epoch * 10_007 + self.rank * 101 + attempt * 7) % 2**31
+        stream.order, tars, index_paths = self._write_indexes(self._as_read(stream.remaining.values(), seed))
         spec = ReaderSpec(tars=tars, index_paths=index_paths, batch_size=self.cfg.batch_size_per_gpu,
-                          device_id=self.decode_device_id, seed=seed, shuffle=self.training,
+                          device_id=self.decode_device_id, seed=seed,
+                          shuffle=self.training and self.payload != FRAMES,
                           initial_fill=self.cfg.shuffle_buffer, pad_last_batch=not self.training,
-                          half=self.dtype != torch.float32)
+                          half=self.dtype != torch.float32, payload=self.payload)
         self.stats.pipeline_builds += 1
         if self.training:
             return build_train_pipeline(spec, self._pipe_cfg, self.mode)
         return build_eval_pipeline(spec, self._pipe_cfg)
 
-    def _write_indexes(self, samples) -> Tuple[List[str], List[str]]:
+    def _as_read(self, samples, seed: int) -> List[SampleRef]:
+        """The samples as the pipeline reads them; jpeg-payload ones name their clips' frames and, in training,
+        are shuffled here (both drawn with `seed`)."""
+        if self.payload != FRAMES:
+            return list(samples)
+        if not self.training:
+            return [with_clip_frames(sample, self.cfg, None) for sample in samples]
+        rng = np.random.default_rng(seed)
+        samples = list(samples)
+        return [with_clip_frames(samples[i], self.cfg, rng) for i in rng.permutation(len(samples))]
+
+    def _write_indexes(self, samples) -> Tuple[List[SampleRef], List[str], List[str]]:
+        """Index files listing `samples` grouped by tar (DALI reads tar after tar); returns the samples in the
+        order they are read, the tars and the index files."""
         by_tar: Dict[str, List[SampleRef]] = OrderedDict()
         for sample in samples:
             by_tar.setdefault(sample.tar, []).append(sample)
@@ -235,12 +259,15 @@ class VideoLoader:
         for i, (tar, tar_samples) in enumerate(by_tar.items()):
             index_paths.append(os.path.join(build_dir, f"{i:06d}.idx"))
             write_index(tar_samples, index_paths[-1])
-        return list(by_tar), index_paths
+        return [s for group in by_tar.values() for s in group], list(by_tar), index_paths
 
     # -- corrupt samples ---------------------------------------------------------------------------------------
 
-    def _record_bad_sample(self, err: RuntimeError, remaining: "OrderedDict[str, SampleRef]") -> None:
-        sample = self._failed_sample(err, remaining)
+    def _record_bad_sample(self, err: RuntimeError, stream: _Stream) -> None:
+        remaining = stream.remaining
+        sample, reason = self._failed_sample(err, remaining), _first_line_naming(err)
+        if sample is None and self.payload == FRAMES:
+            sample, reason = self._undecodable_in_failed_batch(stream)
         if sample is None:
             raise RuntimeError(f"DALI pipeline failed and the error names no sample of this rank's part, so it "
                                f"cannot be skipped (epoch {self.epoch}, rank {self.rank}):\n{err}") from err
@@ -249,7 +276,7 @@ class VideoLoader:
         self.stats.bad_samples += 1
         self.stats.bad_keys.append(sample.key)
         log.warning("skipping undecodable sample %s in %s (%d bad so far): %s", sample.key, sample.tar,
-                    self.stats.bad_samples, _first_line_naming(err))
+                    self.stats.bad_samples, reason)
         self._check_bad_fraction(final=False)
 
     @staticmethod
@@ -260,6 +287,17 @@ class VideoLoader:
             if sample is not None and os.path.abspath(sample.tar) == os.path.abspath(tar):
                 return sample
         return None
+
+    def _undecodable_in_failed_batch(self, stream: _Stream) -> Tuple[Optional[SampleRef], str]:
+        """The first sample of the failed batch (or of those prefetched after it) whose frames do not decode on
+        the CPU, and why: the image decoder's error does not say which it was."""
+        batch = self.cfg.batch_size_per_gpu
+        start = stream.fetched * batch
+        for sample in stream.order[start : start + batch * (self.cfg.prefetch_queue_depth + 1)]:
+            reason = undecodable_frame(sample) if sample.key in stream.remaining else None
+            if reason is not None:
+                return stream.remaining[sample.key], reason
+        return None, ""
 
     def _check_bad_fraction(self, final: bool) -> None:
         seen = self.stats.samples + self.stats.bad_samples

@@ -2,9 +2,11 @@
 
 Per video the graph decodes all frames once (NVDEC through `device="mixed"` when there is a GPU, DALI's CPU
 decoder otherwise), reads the frame count from the decoded shape and selects every clip's frames with
-`fn.sequence_rearrange` (indices computed by native arithmetic, so no Python runs per sample). Each clip then
-gets its own spatial augmentation, and the clips of one video are stacked: a pipeline sample is
-(clips, C, T, H, W), so a batch flattens into (B * clips, C, T, H, W) without a copy.
+`fn.sequence_rearrange` (indices computed by native arithmetic, so no Python runs per sample). Samples of the
+jpeg payload arrive as one JPEG per clip frame, already chosen by the loader (`mae_st.data.frames`); each is
+decoded (nvJPEG on the GPU) and a clip's frames are stacked. Each clip then gets its own spatial augmentation,
+and the clips of one video are stacked: a pipeline sample is (clips, C, T, H, W), so a batch flattens into
+(B * clips, C, T, H, W) without a copy.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from nvidia.dali.pipeline import Pipeline
 
 from mae_st.config import DataConfig
 from mae_st.data.format import META_EXT, VIDEO_EXTS
+from mae_st.data.frames import FRAMES, VIDEO, slot_names
 
 VIDEO_EXT_SET = ";".join(VIDEO_EXTS)
 
@@ -39,6 +42,7 @@ class ReaderSpec:
     initial_fill: int = 1  # shuffle buffer (samples)
     pad_last_batch: bool = False
     half: bool = False  # emit float16 (halves device memory; the loader casts to bfloat16 when asked)
+    payload: str = VIDEO  # FRAMES: the index files name one JPEG per clip frame (`mae_st.data.frames`)
 
 
 @dataclass(frozen=True)
@@ -70,13 +74,9 @@ def build_train_pipeline(spec: ReaderSpec, cfg: DataConfig, mode: str) -> Pipeli
 
     @pipeline_def(enable_conditionals=rand_aug is not None)
     def train_graph():
-        video, meta = _read(spec)
-        frames = _decode(video, spec.device_id)
-        count = _frame_count(frames)
+        raw_clips, meta = _read_clips(spec, cfg, cfg.repeat_aug, lambda count, _: _random_start(count, cfg))
         clips = []
-        for _ in range(cfg.repeat_aug):
-            start = _random_start(count, cfg)
-            clip = fn.sequence_rearrange(frames, new_order=_clip_indices(start, count, cfg))
+        for clip in raw_clips:
             if rand_aug is not None:
                 clip = rand_augment.rand_augment(clip, n=rand_aug.num_ops, m=rand_aug.magnitude,
                                                  num_magnitude_bins=rand_aug.num_magnitude_bins)
@@ -93,21 +93,18 @@ def build_eval_pipeline(spec: ReaderSpec, cfg: DataConfig) -> Pipeline:
     """Multi-view graph: test_num_ensemble_views uniformly spaced clips x test_num_spatial_crops crops per video.
 
     Views are ordered temporal-major (view v = temporal v // crops, spatial v % crops), as the original's
-    test loader. Frames are short-side resized to img_size and cropped left/centre/right (top/middle/bottom
+    test loader. Clips are short-side resized to img_size and cropped left/centre/right (top/middle/bottom
     for portrait video) like its `uniform_crop`.
     """
 
     @pipeline_def
     def eval_graph():
-        video, meta = _read(spec)
-        frames = _decode(video, spec.device_id)
-        count = _frame_count(frames)
-        frames = fn.resize(frames, resize_shorter=cfg.img_size, interp_type=types.INTERP_LINEAR, antialias=True)
-        height, width = _frame_size(frames)
+        raw_clips, meta = _read_clips(spec, cfg, cfg.test_num_ensemble_views,
+                                      lambda count, view: _uniform_start(count, cfg, view))
         views = []
-        for t in range(cfg.test_num_ensemble_views):
-            start = _uniform_start(count, cfg, t)
-            clip = fn.sequence_rearrange(frames, new_order=_clip_indices(start, count, cfg))
+        for clip in raw_clips:
+            clip = fn.resize(clip, resize_shorter=cfg.img_size, interp_type=types.INTERP_LINEAR, antialias=True)
+            height, width = _frame_size(clip)
             for s in range(cfg.test_num_spatial_crops):
                 views.append(_normalize(clip, cfg, spec.half, crop_pos=_uniform_crop_pos(height, width, s, cfg)))
         return fn.stack(*views), _pad_meta(meta)
@@ -122,19 +119,34 @@ def _instantiate(graph, spec: ReaderSpec, cfg: DataConfig) -> Pipeline:
     return pipe
 
 
-def _read(spec: ReaderSpec):
+def _read_clips(spec: ReaderSpec, cfg: DataConfig, num_clips: int, start_of):
+    """`num_clips` uint8 FHWC clips of cfg.num_frames frames per sample, and the sample's metadata.
+
+    `start_of(frame_count, j)` is clip j's first frame in the video graph; jpeg-payload samples come with their
+    clips' frames chosen by the loader."""
+    if spec.payload == FRAMES:
+        *slots, meta = _read(spec, [*slot_names(num_clips * cfg.num_frames), META_EXT])
+        frames = [fn.decoders.image(slot, device=_device(spec), output_type=types.RGB) for slot in slots]
+        per_clip = cfg.num_frames
+        return [fn.stack(*frames[j * per_clip : (j + 1) * per_clip], axis_name="F") for j in range(num_clips)], meta
+    video, meta = _read(spec, [VIDEO_EXT_SET, META_EXT])
+    frames = fn.decoders.video(video, device=_device(spec))
+    count = frames.shape(dtype=types.INT32)[0]
+    return [fn.sequence_rearrange(frames, new_order=_clip_indices(start_of(count, j), count, cfg))
+            for j in range(num_clips)], meta
+
+
+def _read(spec: ReaderSpec, ext):
+    # "skip" for video: the set's samples are listed whole by the packer; frames' slot lines are written by the
+    # loader, so a missing slot is a bug to report, not a sample to drop
     return fn.readers.webdataset(
-        paths=list(spec.tars), index_paths=list(spec.index_paths), ext=[VIDEO_EXT_SET, META_EXT],
-        missing_component_behavior="skip", random_shuffle=spec.shuffle, initial_fill=max(1, spec.initial_fill),
-        pad_last_batch=spec.pad_last_batch, seed=spec.seed, name="reader")
+        paths=list(spec.tars), index_paths=list(spec.index_paths), ext=ext,
+        missing_component_behavior="error" if spec.payload == FRAMES else "skip", random_shuffle=spec.shuffle,
+        initial_fill=max(1, spec.initial_fill), pad_last_batch=spec.pad_last_batch, seed=spec.seed, name="reader")
 
 
-def _decode(video, device_id: Optional[int]):
-    return fn.decoders.video(video, device="cpu" if device_id is None else "mixed")
-
-
-def _frame_count(frames):
-    return frames.shape(dtype=types.INT32)[0]
+def _device(spec: ReaderSpec) -> str:
+    return "cpu" if spec.device_id is None else "mixed"
 
 
 def _frame_size(frames):

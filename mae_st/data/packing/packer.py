@@ -30,7 +30,7 @@ from mae_st.data.format import (
 from mae_st.data.packing.inputs import VideoInput, mark_missing_files, read_file_list, scan_data_dirs
 from mae_st.data.packing.isolation import run_isolated
 from mae_st.data.packing.tar_writer import BLOCK, Member, sample_members, shard_is_complete, write_shard
-from mae_st.data.packing.transcode import CODECS, COPY, EncodeSettings
+from mae_st.data.packing.transcode import CODECS, COPY, JPEG, EncodeSettings
 from mae_st.data.packing.worker import WorkItem, process_input, read_result, write_result
 
 STAGING_NAME = ".packing"  # per-input results of the current run; removed once the shards are written
@@ -185,7 +185,12 @@ def _check_options(options: PackOptions) -> None:
                                             ("--crf", options.crf)) if value]
         if changes:
             raise ValueError(f"--codec copy stores the original bytes, so it cannot honour {', '.join(changes)}; "
-                             "pick a codec to transcode (vp9, h264, hevc) or drop those flags")
+                             "pick a codec to transcode (vp9, h264, hevc, jpeg) or drop those flags")
+    if options.codec == JPEG:
+        if options.gop:
+            raise ValueError("--gop has no meaning for --codec jpeg: every frame is stored as its own image")
+        if options.crf is not None and not 2 <= options.crf <= 31:
+            raise ValueError(f"--crf {options.crf}: for --codec jpeg it is the JPEG quantiser, 2 (best) to 31")
     for name in ("samples_per_shard", "max_shard_bytes", "min_frames", "workers"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name} must be at least 1 (got {getattr(options, name)})")
@@ -304,7 +309,7 @@ def _write_reports(out: Path, options: PackOptions, labels: Dict[str, int],
     for index, shard in enumerate(plan):
         for sample in shard:
             row = asdict(sample.meta)
-            row.update(shard=shard_name(options.prefix, index), bytes=sample.members[0].size)
+            row.update(shard=shard_name(options.prefix, index), bytes=sum(m.size for m in sample.members[:-1]))
             rows.append(row)
     _write_csv(out / MANIFEST_NAME, MANIFEST_COLUMNS, rows)
     _write_csv(out / FAILURES_NAME, ("path", "reason"), [{"path": p, "reason": r} for p, r in failures])

@@ -100,6 +100,12 @@ def _padded(size: int) -> int:
 
 
 def sample_members(key: str, video_path: str, video_ext: str, meta_json: bytes) -> List[Member]:
-    """The two members of a packed sample: the video file, then its SampleMeta JSON."""
-    return [Member(f"{key}.{video_ext}", os.path.getsize(video_path), path=video_path),
-            Member(f"{key}.json", len(meta_json), data=meta_json)]
+    """The members of a packed sample: the video file (or, for a folder of frames, each frame file in name
+    order), then its SampleMeta JSON."""
+    if os.path.isdir(video_path):
+        files = sorted(os.listdir(video_path))
+        media = [Member(f"{key}.{name}", os.path.getsize(os.path.join(video_path, name)),
+                        path=os.path.join(video_path, name)) for name in files]
+    else:
+        media = [Member(f"{key}.{video_ext}", os.path.getsize(video_path), path=video_path)]
+    return media + [Member(f"{key}.json", len(meta_json), data=meta_json)]

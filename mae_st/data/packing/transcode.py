@@ -1,8 +1,9 @@
 """Re-encode one video (PyAV): upright, resized, constant frame rate, fixed keyframe interval, optionally cut
-into segments, each written as its own file."""
+into segments, each written as its own file (or, for the `jpeg` payload, its own folder of one JPEG per frame)."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Dict, Iterator, List, Optional
 import av
 import numpy as np
 
+from mae_st.data.format import frame_file_name
 from mae_st.data.packing.probe import VideoInfo, display_size
 
 # codec -> (PyAV encoder, container extension, default constant-rate-factor)
@@ -19,8 +21,12 @@ ENCODERS: Dict[str, tuple] = {
     "hevc": ("libx265", "mp4", 28),
     "vp9": ("libvpx-vp9", "webm", 32),
 }
+# Not a video: every frame its own baseline JPEG (ffmpeg's mjpeg encoder at quantiser `crf`, 2-31, lower is
+# better), so a clip is read and decoded frame by frame (`mae_st.data.frames`) instead of a whole video per clip.
+JPEG = "jpeg"
+JPEG_QUANTIZER = 3
 COPY = "copy"
-CODECS = (*ENCODERS, COPY)
+CODECS = (*ENCODERS, JPEG, COPY)
 GOP_SECONDS = 1.0  # default keyframe interval when --gop is not given
 
 
@@ -69,9 +75,9 @@ def transcode_video(path: str, info: VideoInfo, settings: EncodeSettings, out_st
         if writer is None or writer.segment != segment:
             if writer is not None:
                 pieces.extend(writer.close(settings.min_frames))
-            writer = _PieceWriter(f"{out_stem}-{segment:04d}", segment, settings, fps, width, height,
-                                  first_index=index)
-        writer.add(frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA"))
+            writer_type = _FramesWriter if settings.codec == JPEG else _PieceWriter
+            writer = writer_type(f"{out_stem}-{segment:04d}", segment, settings, fps, width, height, first_index=index)
+        writer.add(frame.reformat(width=width, height=height, format=writer.pix_fmt, interpolation="AREA"))
     if writer is not None:
         pieces.extend(writer.close(settings.min_frames))
     return pieces
@@ -79,6 +85,8 @@ def transcode_video(path: str, info: VideoInfo, settings: EncodeSettings, out_st
 
 class _PieceWriter:
     """One output file being encoded."""
+
+    pix_fmt = "yuv420p"
 
     def __init__(self, stem: str, segment: int, settings: EncodeSettings, fps: Fraction, width: int, height: int,
                  first_index: int):
@@ -106,9 +114,43 @@ class _PieceWriter:
         if self.frames < min_frames:
             Path(self.file).unlink()
             return []
-        start = float(self.first_index / self.fps)
-        return [EncodedPiece(self.file, self.segment, round(start, 6), round(start + float(self.frames / self.fps), 6),
-                             self.frames, float(self.fps), self.width, self.height)]
+        return [_piece(self)]
+
+
+class _FramesWriter:
+    """One output folder being filled with a JPEG per frame (`000000.jpg`, ...)."""
+
+    pix_fmt = "yuvj420p"  # full-range YUV, what JPEG decoders expect
+
+    def __init__(self, stem: str, segment: int, settings: EncodeSettings, fps: Fraction, width: int, height: int,
+                 first_index: int):
+        self.file = f"{stem}.frames"
+        self.segment, self.fps, self.width, self.height, self.first_index = segment, fps, width, height, first_index
+        self.frames = 0
+        Path(self.file).mkdir()
+        self.encoder = av.CodecContext.create("mjpeg", "w")
+        self.encoder.width, self.encoder.height, self.encoder.pix_fmt = width, height, self.pix_fmt
+        self.encoder.time_base = 1 / fps
+        # qmin = qmax pins the quantiser: PyAV exposes no per-frame quality, which ffmpeg's -q:v sets
+        self.encoder.qmin = self.encoder.qmax = settings.crf or JPEG_QUANTIZER
+
+    def add(self, frame: av.VideoFrame) -> None:
+        frame.pts, frame.time_base = self.frames, self.encoder.time_base
+        (packet,) = self.encoder.encode(frame)  # intra-only: one packet per frame, no delay
+        (Path(self.file) / frame_file_name(self.frames)).write_bytes(bytes(packet))
+        self.frames += 1
+
+    def close(self, min_frames: int) -> List[EncodedPiece]:
+        if self.frames < min_frames:
+            shutil.rmtree(self.file)
+            return []
+        return [_piece(self)]
+
+
+def _piece(writer) -> EncodedPiece:
+    start = float(writer.first_index / writer.fps)
+    return EncodedPiece(writer.file, writer.segment, round(start, 6), round(start + float(writer.frames / writer.fps), 6),
+                        writer.frames, float(writer.fps), writer.width, writer.height)
 
 
 def _encoder_options(codec: str, gop: int, crf: int) -> Dict[str, str]:
