@@ -1,7 +1,7 @@
 """Section `data`: film the benchmark footage and pack it with the project's packer, once per codec.
 
 The packer (`pack_videos`, the API behind tools/shard_videos.py) runs first with its default settings, then for
-each of h264/vp9 that the default did not already produce. Later sections find the shard sets in this section's
+each of h264/vp9/jpeg that the default did not already produce. Later sections find the shard sets in this section's
 rows (or in `--shards`).
 """
 
@@ -21,7 +21,7 @@ from benchmarks.make_bench_videos import Footage, make_bench_videos
 from mae_st.data.format import MANIFEST_NAME, SHARD_SUFFIX
 from mae_st.data.packing import PackOptions, pack_videos
 
-CODECS = ("h264", "vp9")  # packed besides the default, when the default is neither
+CODECS = ("h264", "vp9", "jpeg")  # packed besides the default, when the default is none of them
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from benchmarks.harness import SectionContext, Sizes, Timing, resolve_device, sy
 from mae_st.config import DataConfig
 
 NUM_CLASSES = 400  # mixup's one-hot width; the packed labels are far below it
-CPU_DECODABLE = ("vp8", "vp9")  # DALI's CPU video decoder (MJPEG too, which the packer does not write)
+CPU_DECODABLE = ("vp8", "vp9", "jpeg")  # DALI's CPU decoders (video: VP8/VP9/MJPEG; jpeg: one image per frame)
+FRAME_PAYLOADS = ("jpeg",)  # codecs whose samples hold one image per frame: a clip decodes only its own frames
 PIPELINES_PER_GPU = (2, 4, 8)  # concurrent DALI pipelines tried in both modes; they share Sizes.num_threads
 
 
@@ -51,14 +52,20 @@ def base_fields(sizes: Sizes, mode: str) -> Dict[str, object]:
 
 
 def plan_runs(sets: List[ShardSet], sizes: Sizes) -> List[LoaderRun]:
-    """Most telling first (the section stops at its deadline): default set, its concurrent-pipeline runs, other
-    sets, then the sweep."""
+    """Most telling first (the section stops at its deadline): default set, frame-payload sets (finetuning first,
+    the case they are for), the concurrent-pipeline runs of those (for frame payloads finetuning only: with
+    repeat_aug 16 one pipeline already decodes 256 images a video), other sets, then the sweep."""
     modes = ("pretrain", "finetune")
     runs = [LoaderRun(s, mode, "base", base_fields(sizes, mode)) for s in sets for mode in modes]
-    runs.sort(key=lambda r: (not r.shard_set.default, r.mode != "pretrain"))
-    runs[len(modes):len(modes)] = [  # after the default set's base runs
-        LoaderRun(sets[0], mode, f"pipelines_per_gpu={k}", dict(base_fields(sizes, mode), pipelines_per_gpu=k))
-        for mode in modes for k in PIPELINES_PER_GPU]
+    frames_first = ("finetune", "pretrain")
+    runs.sort(key=lambda r: (not r.shard_set.default, r.shard_set.codec not in FRAME_PAYLOADS,
+                             (frames_first if r.shard_set.codec in FRAME_PAYLOADS else modes).index(r.mode)))
+    lever_sets = [sets[0]] + [s for s in sets[1:] if s.codec in FRAME_PAYLOADS]
+    first_other = next((i for i, r in enumerate(runs) if r.shard_set not in lever_sets), len(runs))
+    runs[first_other:first_other] = [  # after the base runs of the default and frame-payload sets
+        LoaderRun(s, mode, f"pipelines_per_gpu={k}", dict(base_fields(sizes, mode), pipelines_per_gpu=k))
+        for s in lever_sets for mode in (("finetune",) if s.codec in FRAME_PAYLOADS else modes)
+        for k in PIPELINES_PER_GPU]
     base = base_fields(sizes, "pretrain")
     levers = ([("batch_size_per_gpu", b) for b in sizes.sweep_batches]
               + [("num_threads", t) for t in sizes.sweep_threads]
@@ -104,7 +111,8 @@ def measure_dali(run: LoaderRun, device: torch.device, sizes: Sizes, seconds_lef
             loader.close()
         loader = None  # drops the last reference to the pipeline before its memory is released
         release_dali_memory()
-    frames = mean_frames(run.shard_set.path)
+    # a frame-payload clip decodes its own frames only; a video is decoded whole
+    frames = cfg.repeat_aug * sizes.num_frames if run.shard_set.codec in FRAME_PAYLOADS else mean_frames(run.shard_set.path)
     return {**rates(timing, cfg.repeat_aug, sizes.num_frames, frames), **usage,
             "bs": cfg.batch_size_per_gpu, "repeat": cfg.repeat_aug, "threads": cfg.num_threads,
             "pipelines": cfg.pipelines_per_gpu,
