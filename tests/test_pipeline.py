@@ -166,8 +166,9 @@ def test_epochs_differ_and_repeat_with_the_same_epoch(shards):
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(8))
 
 
-def test_two_ranks_read_disjoint_parts_that_cover_the_epoch(shards):
-    cfg = tiny_config(shards, repeat_aug=1)
+@pytest.mark.parametrize("pipelines", [1, 4])  # 4: more pipelines than a rank's part has batches (2)
+def test_two_ranks_read_disjoint_parts_that_cover_the_epoch(shards, pipelines):
+    cfg = tiny_config(shards, repeat_aug=1, pipelines_per_gpu=pipelines)
     seen = []
     for rank in range(2):
         loader = build_train_loader(cfg, "pretrain", num_classes=8, rank=rank, world_size=2, device=DEVICE)
@@ -246,7 +247,7 @@ def test_concurrent_pipelines_evaluate_every_video_once(shards, pipelines):
                       pipelines_per_gpu=pipelines)
     loader = build_eval_loader(cfg, rank=0, world_size=1, device=DEVICE)
     batches = [video_ids for _, _, video_ids in loader]
-    assert len(batches) == len(loader)  # per pipeline: 2 of them read 3+1 videos each, 3 read 2, 3 and 3
+    assert len(batches) == len(loader)  # 3 batches of 3: 2 pipelines read 3 and 3+2 videos, 3 read 3, 3 and 2
     assert sorted(vid for ids in batches for vid in ids) == sorted(f"v{i}" for i in range(8))
 
 

@@ -8,7 +8,7 @@ evaluation reads every sample of its part once (the padded tail of a pipeline's 
 
 Concurrent pipelines: DALI's video decoder works through a batch's videos one after another, so one pipeline
 leaves NVDEC mostly idle. With DataConfig.pipelines_per_gpu = k > 1 the rank's part is cut again into k
-contiguous sub-parts (`rank_part(part, j, k)`), each read by its own pipeline (own seed, num_threads // k
+contiguous sub-parts at batch boundaries, each read by its own pipeline (own seed, num_threads // k
 threads); every pipeline decodes ahead asynchronously from the moment it is built, and `__iter__` takes one
 batch from each in turn, so k batches are decoded at once. The turn order depends only on seed, epoch and the
 bad samples met, so an epoch replays exactly; k = 1 is the single pipeline (same seeds, same batches).
@@ -198,9 +198,12 @@ class VideoLoader:
         return rank_part(order, self.rank, self.world_size)
 
     def _sub_parts(self, part: Sequence[SampleRef]) -> List[List[SampleRef]]:
-        """The contiguous slices of the part that the rank's pipelines read (the part itself for one)."""
-        k = self.num_pipelines
-        return [rank_part(part, j, k) for j in range(k)]
+        """The contiguous slices of the part that the rank's pipelines read (the part itself for one), cut at
+        batch boundaries: a pipeline fills its last batch by wrapping around its slice, so slices of other sizes
+        would repeat samples while the epoch's step count leaves others unread (a pipeline may get none)."""
+        batch, k = self.cfg.batch_size_per_gpu, self.num_pipelines
+        batches = math.ceil(len(part) / batch)
+        return [list(part[batch * (batches * j // k) : batch * (batches * (j + 1) // k)]) for j in range(k)]
 
     def _undelivered(self, part: Sequence[SampleRef]) -> "OrderedDict[str, SampleRef]":
         return OrderedDict((s.key, s) for s in part if (s.tar, s.key) not in self._bad)
