@@ -55,6 +55,9 @@ class DataConfig:
     repeat_aug: int = 1
     batch_size_per_gpu: int = 2  # videos per GPU micro-step; clips per step = batch_size_per_gpu * repeat_aug
     decode_device: str = "auto"  # auto | gpu | cpu
+    # jpeg-payload shards with decode on the GPU: decode the frames with libjpeg-turbo on the DALI threads ("cpu")
+    # and move the clips to the GPU, or with nvJPEG ("gpu"); docs/performance.md compares them
+    jpeg_decode_device: str = "cpu"
     num_threads: int = 8  # DALI CPU threads per GPU in total, shared by its pipelines
     # concurrent DALI pipelines, each over a disjoint slice of the rank's part; 0: 4 when decoding on NVDEC (4 with
     # 8 threads fed 509 clips/s on an H100, 1 pipeline 312: docs/performance.md), 1 on DALI's CPU decoder
@@ -215,6 +218,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     for name in ("aa", "remode", "mixup_mode"):
         _value(d, f"--{name}", f"data.{name}", str)
     _value(d, "--decode_device", "data.decode_device", str, choices=("auto", "gpu", "cpu"))
+    _value(d, "--jpeg_decode_device", "data.jpeg_decode_device", str, choices=("cpu", "gpu"),
+           help="jpeg-payload shards on a GPU: decode the frames on the DALI CPU threads (default) or with nvJPEG")
     for name in ("jitter_scales_relative", "jitter_aspect_relative", "cutmix_minmax"):
         _value(d, f"--{name}", f"data.{name}", float, nargs=2)
     _switch(d, "rand_aug", "data.rand_aug")

@@ -126,9 +126,13 @@ def _read_clips(spec: ReaderSpec, cfg: DataConfig, num_clips: int, start_of):
     clips' frames chosen by the loader."""
     if spec.payload == FRAMES:
         *slots, meta = _read(spec, [*slot_names(num_clips * cfg.num_frames), META_EXT])
-        frames = [fn.decoders.image(slot, device=_device(spec), output_type=types.RGB) for slot in slots]
+        on_gpu = spec.device_id is not None and cfg.jpeg_decode_device == "gpu"
+        frames = [fn.decoders.image(slot, device="mixed" if on_gpu else "cpu", output_type=types.RGB) for slot in slots]
         per_clip = cfg.num_frames
-        return [fn.stack(*frames[j * per_clip : (j + 1) * per_clip], axis_name="F") for j in range(num_clips)], meta
+        clips = [fn.stack(*frames[j * per_clip : (j + 1) * per_clip], axis_name="F") for j in range(num_clips)]
+        if spec.device_id is not None and not on_gpu:
+            clips = [clip.gpu() for clip in clips]  # augmentation still runs on the GPU
+        return clips, meta
     video, meta = _read(spec, [VIDEO_EXT_SET, META_EXT])
     frames = fn.decoders.video(video, device=_device(spec))
     count = frames.shape(dtype=types.INT32)[0]
