@@ -189,6 +189,9 @@ class Timing:
         return self.seconds / self.steps if self.steps else None
 
 
+MIN_TIMED_STEPS = 3  # fewer timed batches than this give no usable rate
+
+
 def time_batches(epoch_batches: Callable[[int], Iterable], clips_in: Callable[[Any], int], *, warmup: int,
                  steps: int, max_seconds: float, sync: Callable[[], None],
                  consume: Callable[[Any], None] = lambda batch: None) -> Timing:
@@ -221,4 +224,8 @@ def time_batches(epoch_batches: Callable[[int], Iterable], clips_in: Callable[[A
             raise RuntimeError(f"an epoch ended within its {warmup} warm-up batches, so nothing could be timed: "
                                "make more footage (--videos) or use a smaller batch")
         if timing.steps >= steps or time.perf_counter() - started > max_seconds:
+            if timing.steps < min(steps, MIN_TIMED_STEPS):
+                # one batch is what the pipeline had prefetched during the warm-up, not a rate
+                raise RuntimeError(f"only {timing.steps} batch(es) timed within the {max_seconds:.0f} s cap (the "
+                                   "warm-up, e.g. pipeline builds, took the rest): raise --loader-seconds")
             return timing

@@ -236,6 +236,7 @@ def test_default_pipeline_count_is_several_on_nvdec_and_one_on_the_cpu_decoder()
     assert cfg.pipelines_per_gpu == 0 and NVDEC_PIPELINES == 4
     assert resolve_pipelines_per_gpu(cfg, decode_device_id=0) == NVDEC_PIPELINES
     assert resolve_pipelines_per_gpu(cfg, decode_device_id=None) == 1
+    assert resolve_pipelines_per_gpu(cfg, decode_device_id=0, payload=FRAMES) == 1
     assert resolve_pipelines_per_gpu(dataclasses.replace(cfg, pipelines_per_gpu=3), None) == 3
     with pytest.raises(ValueError, match="pipelines_per_gpu=-1"):
         resolve_pipelines_per_gpu(dataclasses.replace(cfg, pipelines_per_gpu=-1), None)

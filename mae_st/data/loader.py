@@ -43,7 +43,7 @@ from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_type
 from mae_st.config import DataConfig
 from mae_st.data.augment import ClipMixup, ClipRandomErasing, mixup_enabled
 from mae_st.data.epoch_plan import epoch_order, rank_part, train_steps_per_epoch
-from mae_st.data.frames import FRAMES, shard_payload, undecodable_frame, with_clip_frames
+from mae_st.data.frames import FRAMES, VIDEO, shard_payload, undecodable_frame, with_clip_frames
 from mae_st.data.index import SampleRef, read_shard_indexes, write_index
 from mae_st.data.pipeline import ReaderSpec, build_eval_pipeline, build_train_pipeline
 from mae_st.data.shards import list_shards
@@ -108,14 +108,15 @@ def resolve_decode_device(cfg: DataConfig, device: torch.device) -> Optional[int
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def resolve_pipelines_per_gpu(cfg: DataConfig, decode_device_id: Optional[int]) -> int:
-    """DataConfig.pipelines_per_gpu, with 0 resolved: NVDEC_PIPELINES on the GPU decoder, 1 on DALI's CPU decoder
-    (whose threads already decode a batch's videos in parallel)."""
+def resolve_pipelines_per_gpu(cfg: DataConfig, decode_device_id: Optional[int], payload: str = VIDEO) -> int:
+    """DataConfig.pipelines_per_gpu, with 0 resolved: NVDEC_PIPELINES for video on the GPU decoder, else 1 (DALI's
+    CPU decoders already decode a batch's samples in parallel; the jpeg payload's 157 clips/s on an H200 were
+    measured with one pipeline)."""
     if cfg.pipelines_per_gpu < 0:
         raise ValueError(f"DataConfig.pipelines_per_gpu={cfg.pipelines_per_gpu}: must be >= 1, or 0 for the default")
     if cfg.pipelines_per_gpu:
         return cfg.pipelines_per_gpu
-    return NVDEC_PIPELINES if decode_device_id is not None else 1
+    return NVDEC_PIPELINES if decode_device_id is not None and payload == VIDEO else 1
 
 
 class VideoLoader:
@@ -128,19 +129,28 @@ class VideoLoader:
         self.cfg, self.training, self.mode = cfg, training, mode
         self.rank, self.world_size, self.device, self.seed, self.dtype = rank, world_size, device, seed, dtype
         self.decode_device_id = resolve_decode_device(cfg, device)
-        self.num_pipelines = resolve_pipelines_per_gpu(cfg, self.decode_device_id)
-        # num_threads is the budget of all of this rank's pipelines together
-        self._pipe_cfg = replace(cfg, num_threads=max(1, cfg.num_threads // self.num_pipelines))
         self.per_tar = read_shard_indexes(tars, index_paths)
         self.num_samples = sum(len(samples) for samples in self.per_tar)
         if self.num_samples == 0:
             raise ValueError(f"no readable samples in {len(tars)} shards (first: {tars[0] if tars else None})")
         self.payload = shard_payload(self.per_tar)
+        self._warn_if_frames_payload_is_slow_here()
+        self.num_pipelines = resolve_pipelines_per_gpu(cfg, self.decode_device_id, self.payload)
+        # num_threads is the budget of all of this rank's pipelines together
+        self._pipe_cfg = replace(cfg, num_threads=max(1, cfg.num_threads // self.num_pipelines))
         self.epoch = 0
         self.stats = LoaderStats()
         self._bad: set = set()  # (tar, key) of samples that failed to decode
         self._index_dir = tempfile.TemporaryDirectory(prefix="mae_st_idx_")
         self._erase, self._mixup = self._batch_augmentations(num_classes)
+
+    def _warn_if_frames_payload_is_slow_here(self) -> None:
+        clips = self.cfg.repeat_aug if self.training else self.cfg.test_num_ensemble_views
+        if self.payload == FRAMES and clips > 2:
+            log.warning("jpeg-payload shards decode every clip's frames separately: %d clips x %d frames = %d "
+                        "images a video here, where video shards decode a video once for all its clips (repeat_aug "
+                        "16 pretraining on an H200: 11 clips/s with nvJPEG, 505 from VP9); pack this set as video",
+                        clips, self.cfg.num_frames, clips * self.cfg.num_frames)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next `__iter__` follows (same seed + epoch -> same order)."""
