@@ -18,8 +18,9 @@ lost. The error names the sample ("<tar>:<offset>:<name>"), so the loader counts
 that pipeline over the samples of its sub-part not yet delivered this epoch, minus the bad one; nothing good
 is lost or repeated. DALI's image decoder (jpeg payload) names no sample, so for that payload the loader
 shuffles in Python and reads in index order: it knows which samples the failed batch held and decodes their
-frames on the CPU to find the bad one. In training a sub-part that runs out waits while others still hold unseen samples; when
-all ran out before the epoch's step count (bad samples, uneven split), they start another pass.
+frames on the CPU to find the bad one. In training a sub-part that runs out waits while others still hold
+unseen samples; when all ran out before the epoch's step count (bad samples, uneven split), they start another
+pass.
 """
 
 from __future__ import annotations
@@ -81,7 +82,6 @@ class _Stream:
     primed: bool = False  # the build scheduled the first iterations already
     order: List[SampleRef] = field(default_factory=list)  # what the pipeline reads, in order (jpeg payload)
     fetched: int = 0  # batches the pipeline delivered
-
 
     def run(self):
         """The next batch: DALI's `run()` (schedule one iteration, fetch the oldest) with the first schedule
