@@ -83,6 +83,9 @@ class Variant:
     compile_blocks: bool = False  # torch.compile each Block's forward (DeepSpeed's hooks stay outside, eager)
     deepcompile: bool = False  # DeepSpeed's DeepCompile: engine.compile() with the "z3" pass (hooks removed)
     engine_compile: bool = False  # engine.compile() without DeepCompile: torch.compile of the whole module
+    # DeepSpeed's "torch_autocast" instead of "bf16": fp32 weights, autocast in the engine's forward, no bf16
+    # master-weight optimizer wrapper (gathers still move bf16: Linear weights get comm_dtype bfloat16)
+    autocast: bool = False
 
 
 VARIANTS: Dict[str, Variant] = {
@@ -107,6 +110,10 @@ VARIANTS: Dict[str, Variant] = {
     "z3-fast-engcompile": Variant("z3-leaf-fast + engine.compile() (DeepSpeed's torch.compile of the whole "
                                   "module; its ZeRO-3 hooks are compiler-disabled, so graphs break around them)",
                                   3, FAST, leaf="block", engine_compile=True),
+    "z0-autocast": Variant("DeepSpeed ZeRO-0 with torch_autocast (fp32 weights, bf16 autocast) instead of bf16: "
+                           "the eager recipe inside the engine", 0, autocast=True),
+    "z3-leaf-nomel-autocast": Variant("z3-leaf-nomel with torch_autocast instead of bf16", 3, NATIVE_LINEAR,
+                                      leaf="block", autocast=True),
     "z3-deepcompile": Variant("ZeRO-3 shipped JSON + DeepSpeed DeepCompile (compile.deepcompile, "
                               "engine.compile(): gathers/reduces in the compiled graph, no hooks; CUDA only; "
                               "on Hopper set TORCH_CUDA_ARCH_LIST=9.0, its op build fails on '9.0a'; its first "
@@ -253,6 +260,9 @@ def make_step(name: str, cfg: JobConfig, device: torch.device, lr: float):
     ds["zero_optimization"].update(zero)
     if variant.deepcompile:
         ds["compile"] = {"deepcompile": True}
+    if variant.autocast:
+        ds["bf16"] = {"enabled": False}
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if variant.leaf == "block":
         set_z3_leaf_modules(model, [Block])  # = mae_st.engine.zero.gather_whole_blocks_under_zero3
     elif variant.leaf == "stack":
