@@ -59,7 +59,8 @@ def _names(text: str) -> tuple:
 
 
 SIZE_FLAGS = {  # Sizes field -> parser of its flag (--videos, --loader-steps, ...)
-    "videos": int, "seconds": float, "loader_steps": int, "loader_seconds": float, "classic_workers": _ints, "matmul_n": int,
+    "videos": int, "seconds": float, "loader_steps": int, "loader_seconds": float, "classic_workers": _ints,
+    "matmul_n": int,
     "pretrain_clips": int, "finetune_clips": int, "model_variants": _names, "model_steps": int, "e2e_steps": int,
 }
 

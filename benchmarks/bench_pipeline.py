@@ -27,10 +27,12 @@ from mae_st.config import DataConfig
 NUM_CLASSES = 400  # mixup's one-hot width; the packed labels are far below it
 CPU_DECODABLE = ("vp8", "vp9", "jpeg")  # DALI's CPU decoders (video: VP8/VP9/MJPEG; jpeg: one image per frame)
 FRAME_PAYLOADS = ("jpeg",)  # codecs whose samples hold one image per frame: a clip decodes only its own frames
-PIPELINES_PER_GPU = (2, 4, 8)
-FRAME_LEVERS = {"jpeg_decode_device=gpu": {"jpeg_decode_device": "gpu"},  # nvJPEG instead of the DALI threads
-                "batch_size_per_gpu=8": {"batch_size_per_gpu": 8},
-                "jpeg_decode_device=gpu,batch_size_per_gpu=8": {"jpeg_decode_device": "gpu", "batch_size_per_gpu": 8}}  # concurrent DALI pipelines tried in both modes; they share Sizes.num_threads
+PIPELINES_PER_GPU = (2, 4, 8)  # concurrent DALI pipelines tried in both modes; they share Sizes.num_threads
+FRAME_LEVERS = {  # finetuning runs on frame-payload sets besides the concurrent pipelines
+    "jpeg_decode_device=gpu": {"jpeg_decode_device": "gpu"},  # nvJPEG instead of the DALI threads
+    "batch_size_per_gpu=8": {"batch_size_per_gpu": 8},
+    "jpeg_decode_device=gpu,batch_size_per_gpu=8": {"jpeg_decode_device": "gpu", "batch_size_per_gpu": 8},
+}
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,8 @@ def measure_dali(run: LoaderRun, device: torch.device, sizes: Sizes, seconds_lef
         loader = None  # drops the last reference to the pipeline before its memory is released
         release_dali_memory()
     # a frame-payload clip decodes its own frames only; a video is decoded whole
-    frames = cfg.repeat_aug * sizes.num_frames if run.shard_set.codec in FRAME_PAYLOADS else mean_frames(run.shard_set.path)
+    frame_payload = run.shard_set.codec in FRAME_PAYLOADS
+    frames = cfg.repeat_aug * sizes.num_frames if frame_payload else mean_frames(run.shard_set.path)
     return {**rates(timing, cfg.repeat_aug, sizes.num_frames, frames), **usage,
             "bs": cfg.batch_size_per_gpu, "repeat": cfg.repeat_aug, "threads": cfg.num_threads,
             "pipelines": cfg.pipelines_per_gpu,

@@ -24,6 +24,7 @@ from mae_st.data.format import SampleMeta, frame_file_name, index_name_for, shar
 from mae_st.data.frames import FRAMES, VIDEO, random_starts, shard_payload, uniform_starts
 from mae_st.data.index import read_shard_indexes
 from mae_st.data.loader import NVDEC_PIPELINES, build_eval_loader, build_train_loader, resolve_pipelines_per_gpu
+from mae_st.data.shards import list_shards
 from mae_st.data.views import MultiViewAggregator
 from tests.video_factory import decode_frame_index, frame_index_frames, write_video
 
@@ -326,13 +327,9 @@ def test_frames_payload_draws_uniform_starts_and_refuses_a_mixed_set(tmp_path):
     counts = np.bincount(random_starts(7, cfg, 4000, np.random.default_rng(0)), minlength=4)
     assert len(counts) == 4 and counts.min() > 880 and counts.max() < 1120, counts
     assert uniform_starts(40, cfg) == [0, 18, 36] and uniform_starts(3, cfg) == [0, 0, 0]
-    video = read_shard_indexes(*_tar_and_index(write_shards(tmp_path / "v", [1], VIDEO)))
-    frames = read_shard_indexes(*_tar_and_index(write_shards(tmp_path / "f", [1], FRAMES)))
+    video_set, frames_set = (list_shards(write_shards(tmp_path / p, [1], p)) for p in (VIDEO, FRAMES))
+    video = read_shard_indexes(video_set.tars, video_set.index_paths)
+    frames = read_shard_indexes(frames_set.tars, frames_set.index_paths)
     assert shard_payload(video) == VIDEO and shard_payload(frames) == FRAMES
     with pytest.raises(ValueError, match="mixes video samples .* with jpeg-frame samples"):
         shard_payload(video + frames)
-
-
-def _tar_and_index(folder: str):
-    tars = sorted(str(p) for p in Path(folder).glob("*.tar"))
-    return tars, [index_name_for(t) for t in tars]

@@ -205,7 +205,7 @@ def test_jpeg_payload_stores_each_frame_as_an_image_the_loader_reads_back(tmp_pa
     result = pack(out, data_dirs=[str(tmp_path / "raw")], codec="jpeg", short_side=32, segment_seconds=1.0)
     assert result.samples == 3 and not failures(out)  # v: two 10-frame segments; w: 10 frames (tail < 4 dropped)
     samples = tar_samples(out / "train-000000.tar")
-    for key, sample in samples.items():
+    for sample in samples.values():
         frames = sorted(k for k in sample if k.endswith(".jpg"))
         meta = SampleMeta.from_json(sample["json"])
         assert frames == [f"{i:06d}.jpg" for i in range(10)] and (meta.frames, meta.codec) == (10, "jpeg")

@@ -56,8 +56,8 @@ def parse_options(argv: Optional[List[str]] = None) -> PackOptions:
                    "320); aspect kept, sizes even, never upscaled")
     p.add_argument("--fps", type=float, help="resample to this frame rate (default: the source's)")
     p.add_argument("--gop", type=int, help="frames between keyframes (default: one keyframe per second)")
-    p.add_argument("--crf", type=int, help="quality, lower is better (defaults: vp9 32, h264 23, hevc 28; jpeg: quantiser "
-                   "2-31, default 3)")
+    p.add_argument("--crf", type=int, help="quality, lower is better (defaults: vp9 32, h264 23, hevc 28; jpeg: "
+                   "quantiser 2-31, default 3)")
     p.add_argument("--segment_seconds", type=float, help="split long recordings into samples of this length")
     p.add_argument("--min_frames", type=int, default=defaults.min_frames, help="reject videos (and drop last "
                    "segments) with fewer frames")

@@ -33,7 +33,11 @@ def slot_names(num_slots: int) -> List[str]:
 
 
 def payload_of(ref: SampleRef) -> str:
-    return FRAMES if any(is_frame_ext(c[0]) for c in _components(ref.index_line)) else VIDEO
+    """FRAMES or VIDEO, from the first member that is not the metadata: a sample holds one kind of media, and
+    the loader asks this of every sample at start-up, so it does not parse a frame sample's hundreds of members."""
+    first_two_exts = ref.index_line.split(maxsplit=8)[0:5:4]  # ext offset size name ext ...
+    media = next((ext for ext in first_two_exts if ext != META_EXT), "")
+    return FRAMES if is_frame_ext(media) else VIDEO
 
 
 def shard_payload(per_tar: Sequence[Sequence[SampleRef]]) -> str:
@@ -47,10 +51,6 @@ def shard_payload(per_tar: Sequence[Sequence[SampleRef]]) -> str:
         raise ValueError(f"the shard set mixes video samples ({video.key} in {video.tar}) with jpeg-frame samples "
                          f"({frames.key} in {frames.tar}); pack each set with one --codec")
     return next(iter(first), VIDEO)
-
-
-def frame_count(ref: SampleRef) -> int:
-    return sum(is_frame_ext(c[0]) for c in _components(ref.index_line))
 
 
 def clip_frame_indices(start: int, count: int, cfg: DataConfig) -> List[int]:
@@ -72,24 +72,19 @@ def uniform_starts(count: int, cfg: DataConfig) -> List[int]:
 
 
 def with_clip_frames(ref: SampleRef, cfg: DataConfig, rng: Optional[np.random.Generator]) -> SampleRef:
-    """`ref` with an index line naming its clips' frames: repeat_aug clips at random starts drawn from `rng`
-    (training), or the evaluation views when `rng` is None."""
-    count = frame_count(ref)
-    starts = uniform_starts(count, cfg) if rng is None else random_starts(count, cfg, cfg.repeat_aug, rng)
-    return replace(ref, index_line=clip_index_line(ref, starts, cfg))
-
-
-def clip_index_line(ref: SampleRef, starts: Sequence[int], cfg: DataConfig) -> str:
-    """The index line that makes the pipeline read clip j's k-th frame as slot j * num_frames + k, plus the
-    sample's metadata; the members stay where the packer wrote them."""
+    """`ref` with an index line that makes the pipeline read clip j's k-th frame as slot j * num_frames + k, plus
+    the sample's metadata: repeat_aug clips at random starts drawn from `rng` (training), or the evaluation views
+    when `rng` is None. The members stay where the packer wrote them."""
     components = _components(ref.index_line)
     frames = sorted(c for c in components if is_frame_ext(c[0]))  # ext '000012.jpg' sorts as the index
     meta = [c for c in components if c[0] == META_EXT]
     if not frames or not meta:
         raise ValueError(f"sample {ref.key} of {ref.tar} has no frames or no {META_EXT} member; re-pack it")
-    indices = [i for start in starts for i in clip_frame_indices(start, len(frames), cfg)]
+    count = len(frames)
+    starts = uniform_starts(count, cfg) if rng is None else random_starts(count, cfg, cfg.repeat_aug, rng)
+    indices = [i for start in starts for i in clip_frame_indices(start, count, cfg)]
     slots = [(name, *frames[i][1:]) for name, i in zip(slot_names(len(indices)), indices)]
-    return " ".join(" ".join(c) for c in [*slots, meta[0]])
+    return replace(ref, index_line=" ".join(" ".join(c) for c in [*slots, meta[0]]))
 
 
 def undecodable_frame(ref: SampleRef) -> Optional[str]:

@@ -5,9 +5,8 @@ decoder otherwise), reads the frame count from the decoded shape and selects eve
 `fn.sequence_rearrange` (indices computed by native arithmetic, so no Python runs per sample). Samples of the
 jpeg payload arrive as one JPEG per clip frame, already chosen by the loader (`mae_st.data.frames`); each is
 decoded (libjpeg-turbo on the DALI threads, or nvJPEG with DataConfig.jpeg_decode_device "gpu") and a clip's
-frames are stacked. Each clip then gets its own spatial augmentation,
-and the clips of one video are stacked: a pipeline sample is (clips, C, T, H, W), so a batch flattens into
-(B * clips, C, T, H, W) without a copy.
+frames are stacked. Each clip then gets its own spatial augmentation, and the clips of one video are stacked:
+a pipeline sample is (clips, C, T, H, W), so a batch flattens into (B * clips, C, T, H, W) without a copy.
 """
 
 from __future__ import annotations

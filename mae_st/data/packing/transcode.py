@@ -149,8 +149,9 @@ class _FramesWriter:
 
 def _piece(writer) -> EncodedPiece:
     start = float(writer.first_index / writer.fps)
-    return EncodedPiece(writer.file, writer.segment, round(start, 6), round(start + float(writer.frames / writer.fps), 6),
-                        writer.frames, float(writer.fps), writer.width, writer.height)
+    end = start + float(writer.frames / writer.fps)
+    return EncodedPiece(writer.file, writer.segment, round(start, 6), round(end, 6), writer.frames, float(writer.fps),
+                        writer.width, writer.height)
 
 
 def _encoder_options(codec: str, gop: int, crf: int) -> Dict[str, str]:
