@@ -333,3 +333,6 @@ def test_frames_payload_draws_uniform_starts_and_refuses_a_mixed_set(tmp_path):
     assert shard_payload(video) == VIDEO and shard_payload(frames) == FRAMES
     with pytest.raises(ValueError, match="mixes video samples .* with jpeg-frame samples"):
         shard_payload(video + frames)
+    with pytest.raises(ValueError, match="jpeg_decode_device='nvjpeg': expected gpu or cpu"):
+        build_train_loader(DataConfig(train_shards=frames_set.tars[0], jpeg_decode_device="nvjpeg"), "pretrain",
+                           num_classes=1, rank=0, world_size=1, device=DEVICE)

@@ -99,6 +99,8 @@ def resolve_decode_device(cfg: DataConfig, device: torch.device) -> Optional[int
     """CUDA device id to decode on (NVDEC via DALI "mixed"), or None for DALI's CPU backend."""
     if cfg.decode_device not in ("auto", "gpu", "cpu"):
         raise ValueError(f"DataConfig.decode_device={cfg.decode_device!r}: expected auto, gpu or cpu")
+    if cfg.jpeg_decode_device not in ("gpu", "cpu"):
+        raise ValueError(f"DataConfig.jpeg_decode_device={cfg.jpeg_decode_device!r}: expected gpu or cpu")
     cuda = device.type == "cuda" and torch.cuda.is_available()
     if cfg.decode_device == "gpu" and not cuda:
         raise ValueError(f"DataConfig.decode_device='gpu' but the training device is {device} "
