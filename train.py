@@ -18,7 +18,7 @@ import torch
 from mae_st.config import ConfigError, JobConfig, parse_job_config
 from mae_st.engine.checkpoint import export_weights, load_checkpoint, resolve_resume
 from mae_st.engine.data import build_eval_data, build_train_data
-from mae_st.engine.distributed import DistEnv, init_distributed, seed_model_init
+from mae_st.engine.distributed import DistEnv, init_distributed, seed_model_init, shutdown_distributed
 from mae_st.engine.ds_config import default_ds_config_path, fill_ds_config, load_ds_config, uses_bf16
 from mae_st.engine.metrics import RunLogger
 from mae_st.engine.optim import build_optimizer
@@ -34,6 +34,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     cfg = parse_job_config(argv)
     env = init_distributed()
     setup_logging(env)
+    run_job(cfg, env)
+    shutdown_distributed()
+
+
+def run_job(cfg: JobConfig, env: DistEnv) -> None:
+    """Pretraining, finetuning, --eval or --export, as the config says."""
     run = cfg.run
     finetune = run.mode == "finetune"
 
