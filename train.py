@@ -16,15 +16,16 @@ import deepspeed
 import torch
 
 from mae_st.config import ConfigError, JobConfig, parse_job_config
-from mae_st.engine.checkpoint import export_weights, load_checkpoint, resolve_resume
+from mae_st.engine.checkpoint import check_resume_layout, export_weights, load_checkpoint, resolve_resume
 from mae_st.engine.data import build_eval_data, build_train_data
 from mae_st.engine.distributed import DistEnv, init_distributed, seed_model_init, shutdown_distributed
 from mae_st.engine.ds_config import default_ds_config_path, fill_ds_config, load_ds_config, uses_bf16
 from mae_st.engine.metrics import RunLogger
-from mae_st.engine.optim import build_optimizer
+from mae_st.engine.fused_params import fuse_block_parameters
+from mae_st.engine.optim import build_optimizer, weight_decay_rule
 from mae_st.engine.schedule import base_lr, effective_batch
 from mae_st.engine.trainer import StopSignal, Trainer, TrainState, build_loss_fn, evaluate
-from mae_st.engine.zero import gather_whole_blocks_under_zero3
+from mae_st.engine.zero import gather_block_stacks_under_zero3
 from mae_st.models import build_model, load_checkpoint_file, load_encoder_into_classifier
 
 log = logging.getLogger("train")
@@ -52,10 +53,15 @@ def run_job(cfg: JobConfig, env: DistEnv) -> None:
     with torch.device(env.device):  # initialising ViT-H on the GPU takes seconds, on the CPU minutes
         model = build_model(cfg.model, cfg.data.img_size, cfg.data.num_frames)
     resume = checked(lambda: resolve_resume(run.resume, run.output_dir), "--resume")
+    if resume is not None:
+        checked(lambda: check_resume_layout(resume[0] / resume[1], cfg), "--resume")
     if finetune and run.finetune and resume is None:
         load_pretrained(model, run.finetune)
+    if run.fuse_block_params:
+        packed = fuse_block_parameters(model, weight_decay_rule(model, cfg.optim.bias_wd))
+        log.info("packed the parameters of %d transformer blocks into 2 tensors each", packed)
     optimizer = build_optimizer(model, cfg.optim, finetune, env.device)
-    gather_whole_blocks_under_zero3(model, ds_config)
+    gather_block_stacks_under_zero3(model, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     state = TrainState()

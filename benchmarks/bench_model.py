@@ -150,8 +150,9 @@ def build_engine(cfg: JobConfig, env, compile_blocks: bool = False) -> Tuple[obj
     import deepspeed
 
     from mae_st.engine.ds_config import default_ds_config_path, fill_ds_config, load_ds_config, uses_bf16
-    from mae_st.engine.optim import build_optimizer
-    from mae_st.engine.zero import gather_whole_blocks_under_zero3
+    from mae_st.engine.fused_params import fuse_block_parameters
+    from mae_st.engine.optim import build_optimizer, weight_decay_rule
+    from mae_st.engine.zero import gather_block_stacks_under_zero3
     from mae_st.models import build_model
 
     with torch.device(env.device):  # initialising on the GPU takes seconds where ViT-H on the CPU takes minutes
@@ -160,10 +161,12 @@ def build_engine(cfg: JobConfig, env, compile_blocks: bool = False) -> Tuple[obj
     if compile_blocks:
         for block in model.blocks:
             block.compile()
+    elif cfg.run.fuse_block_params:  # packing binds plain tensors per call, which compiled blocks would guard on
+        fuse_block_parameters(model, weight_decay_rule(model, cfg.optim.bias_wd))
     optimizer = build_optimizer(model, cfg.optim, cfg.run.mode == "finetune", env.device)
     ds_config = fill_ds_config(load_ds_config(default_ds_config_path(cfg.run.mode)), cfg, env.world_size,
                                bf16_supported=env.on_gpu)
-    gather_whole_blocks_under_zero3(model, ds_config)
+    gather_block_stacks_under_zero3(model, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, flops_per_clip, torch.bfloat16 if uses_bf16(ds_config) else torch.float32
 

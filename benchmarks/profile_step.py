@@ -47,15 +47,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import mae_st.models.backbone as backbone_module  # noqa: E402
-import mae_st.models.mae as mae_module  # noqa: E402
 from benchmarks.flops import train_flops_per_clip  # noqa: E402
 from mae_st.config import JobConfig  # noqa: E402
 from mae_st.engine.ds_config import default_ds_config_path, fill_ds_config, load_ds_config  # noqa: E402
-from mae_st.engine.optim import build_optimizer  # noqa: E402
+from mae_st.engine.fused_params import fuse_block_parameters  # noqa: E402
+from mae_st.engine.optim import build_optimizer, weight_decay_rule  # noqa: E402
 from mae_st.engine.schedule import apply_lr  # noqa: E402
 from mae_st.models import build_model, list_models, register_model  # noqa: E402
-from mae_st.models.layers import Block, run_blocks  # noqa: E402
+from mae_st.models.layers import Block, BlockStack  # noqa: E402
 
 TORCH_LINEAR = F.linear  # before DeepSpeed's ZeRO-3 Init swaps in its own (see the module docstring)
 
@@ -78,14 +77,15 @@ class Variant:
     doc: str
     stage: Optional[int] = None  # None: PyTorch alone, no DeepSpeed
     zero: Dict[str, Any] = field(default_factory=dict)  # overrides of the shipped JSON's zero_optimization
-    leaf: str = ""  # "" | "block": each transformer Block one ZeRO-3 leaf (train.py's default) | "stack": each
-    #                 whole block stack (encoder, decoder) one leaf
+    leaf: str = ""  # "" | "block": each transformer Block one ZeRO-3 leaf | "stack": each whole block stack
+    #                 (encoder, decoder) one leaf (train.py's default)
     compile_blocks: bool = False  # torch.compile each Block's forward (DeepSpeed's hooks stay outside, eager)
     deepcompile: bool = False  # DeepSpeed's DeepCompile: engine.compile() with the "z3" pass (hooks removed)
     engine_compile: bool = False  # engine.compile() without DeepCompile: torch.compile of the whole module
     # DeepSpeed's "torch_autocast" instead of "bf16": fp32 weights, autocast in the engine's forward, no bf16
     # master-weight optimizer wrapper (gathers still move bf16: Linear weights get comm_dtype bfloat16)
     autocast: bool = False
+    fused: bool = False  # each Block's parameters packed into two flat tensors (mae_st.engine.fused_params)
 
 
 VARIANTS: Dict[str, Variant] = {
@@ -97,7 +97,7 @@ VARIANTS: Dict[str, Variant] = {
     "z2-nooverlap": Variant("ZeRO-2 without overlap_comm", 2, NO_OVERLAP),
     "z3": Variant("ZeRO-3, shipped JSON, per-module gathers", 3),
     "z3-persist": Variant("ZeRO-3, per-module gathers, every parameter kept gathered", 3, PERSIST_ALL),
-    "z3-leaf": Variant("ZeRO-3, each Block a leaf: what train.py runs today", 3, leaf="block"),
+    "z3-leaf": Variant("ZeRO-3, each Block a leaf (train.py until 2026-11-28)", 3, leaf="block"),
     "z3-leaf-nooverlap": Variant("z3-leaf without overlap_comm", 3, NO_OVERLAP, leaf="block"),
     "z3-leaf-nomel": Variant("z3-leaf + memory_efficient_linear off (torch's own F.linear)", 3, NATIVE_LINEAR,
                              leaf="block"),
@@ -114,40 +114,21 @@ VARIANTS: Dict[str, Variant] = {
                            "the eager recipe inside the engine", 0, autocast=True),
     "z3-leaf-nomel-autocast": Variant("z3-leaf-nomel with torch_autocast instead of bf16", 3, NATIVE_LINEAR,
                                       leaf="block", autocast=True),
+    "eager-fused": Variant("eager with each Block's 16 parameter tensors packed into 2 flat ones", fused=True),
+    "z0-fused": Variant("z0 with each Block's parameters packed into 2 flat tensors", 0, fused=True),
+    "z3-leaf-nomel-fused": Variant("z3-leaf-nomel with each Block's parameters packed into 2 flat tensors", 3,
+                                   NATIVE_LINEAR, leaf="block", fused=True),
+    "z3-stack-nomel": Variant("z3-leaf-nomel with the encoder's and the decoder's whole block stacks as the two "
+                              "leaves", 3, NATIVE_LINEAR, leaf="stack"),
+    "z3-stack-nomel-fused": Variant("z3-stack-nomel with each Block's parameters packed into 2 flat tensors: "
+                                    "what train.py runs", 3, NATIVE_LINEAR, leaf="stack", fused=True),
     "z3-deepcompile": Variant("ZeRO-3 shipped JSON + DeepSpeed DeepCompile (compile.deepcompile, "
                               "engine.compile(): gathers/reduces in the compiled graph, no hooks; CUDA only; "
                               "on Hopper set TORCH_CUDA_ARCH_LIST=9.0, its op build fails on '9.0a'; its first "
                               "ViT-H step took over 4 minutes to compile on an H100)",
                               3, deepcompile=True),
 }
-DEFAULT_VARIANTS = "eager,eager-compile,z3-leaf,z3-leaf-nomel,z3-leaf-fast,z3-stack-fast,z3-fast-compile"
-
-
-# Whole block stacks as ZeRO-3 leaves -----------------------------------------------------------------------------
-# A ZeRO-3 leaf must be a module whose forward is called (its hooks fetch and release); the models keep their
-# blocks in a plain nn.ModuleList that `run_blocks` iterates. For the `stack` variants the ModuleList instance is
-# re-classed to this callable subclass (same parameters, same names) and `run_blocks` calls it whole.
-
-class BlockStack(nn.ModuleList):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self:
-            x = block(x)
-        return x
-
-
-def run_blocks_or_stack(blocks, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
-    if isinstance(blocks, BlockStack):
-        return blocks(x)
-    return run_blocks(blocks, x, grad_checkpointing)
-
-
-backbone_module.run_blocks = run_blocks_or_stack  # the encoder's and the classifier's stack
-mae_module.run_blocks = run_blocks_or_stack  # the MAE decoder's stack
-
-
-def block_stacks(model: nn.Module):
-    return [stack for stack in (getattr(model, "blocks", None), getattr(model, "decoder_blocks", None))
-            if stack is not None]
+DEFAULT_VARIANTS = "eager,eager-fused,z0,z0-fused,z3-leaf-nomel,z3-leaf-nomel-fused,z3-stack-nomel-fused"
 
 
 # Drop path that compiles once -----------------------------------------------------------------------------------
@@ -233,6 +214,8 @@ def make_step(name: str, cfg: JobConfig, device: torch.device, lr: float):
 
     if variant.compile_blocks:
         compile_blocks(model, device)
+    if variant.fused:
+        fuse_block_parameters(model, weight_decay_rule(model, cfg.optim.bias_wd))
 
     if variant.stage is None:
         optimizer = build_optimizer(model, cfg.optim, finetune, device)
@@ -264,11 +247,9 @@ def make_step(name: str, cfg: JobConfig, device: torch.device, lr: float):
         ds["bf16"] = {"enabled": False}
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if variant.leaf == "block":
-        set_z3_leaf_modules(model, [Block])  # = mae_st.engine.zero.gather_whole_blocks_under_zero3
+        set_z3_leaf_modules(model, [Block])
     elif variant.leaf == "stack":
-        for stack in block_stacks(model):
-            stack.__class__ = BlockStack
-        set_z3_leaf_modules(model, [BlockStack])
+        set_z3_leaf_modules(model, [BlockStack])  # = mae_st.engine.zero.gather_block_stacks_under_zero3
     optimizer = build_optimizer(model, cfg.optim, finetune, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     apply_lr(engine.optimizer, lr)

@@ -127,6 +127,9 @@ class RunConfig:
     max_nonfinite_steps: int = 10  # consecutive NaN/inf losses tolerated before the run stops
     local_rank: int = -1
     export: bool = False  # only write the consolidated weights of `resume` (or the last checkpoint) and exit
+    # each transformer block's parameters as two flat tensors inside the engine (mae_st/engine/fused_params.py):
+    # ~8x fewer tensors for DeepSpeed's per-parameter work; exports keep the usual names either way
+    fuse_block_params: bool = True
 
 
 @dataclass
@@ -239,6 +242,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                  "max_steps_per_epoch", "max_nonfinite_steps", "local_rank"):
         _value(r, f"--{name}", f"run.{name}", int)
     _value(r, "--num_checkpoint_del", "run.keep_checkpoints", int, help="keep only the newest N checkpoints")
+    _switch(r, "fuse_block_params", "run.fuse_block_params")
     r.add_argument("--eval", dest="run.eval_only", action="store_const", const=True, default=None,
                    help="only evaluate (--finetune weights or --resume checkpoint) on --val_shards")
     r.add_argument("--export", dest="run.export", action="store_const", const=True, default=None,

@@ -7,6 +7,7 @@ save cut short by a kill is never resumed from (and is removed by the next save)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,13 +21,27 @@ import torch.nn as nn
 from deepspeed.utils import safe_get_full_fp32_param
 from safetensors.torch import save_file
 
+from mae_st.config import ConfigError, JobConfig
 from mae_st.engine.distributed import barrier
+from mae_st.engine.fused_params import unfuse_state_dict
+from mae_st.models.registry import model_family
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
 COMPLETE_MARKER = "complete.json"
 _TAG = re.compile(r"^step(\d+)$")
+
+# The settings that decide a checkpoint's parameter names and shapes, per model family: a resume must agree on
+# each. The value assumed where a checkpoint predates the setting follows the key.
+_LAYOUT = {
+    "both": {"model.name": None, "model.t_patch_size": None, "model.sep_pos_embed": None, "model.cls_embed": None,
+             "model.no_qkv_bias": None, "data.num_frames": None, "data.img_size": None,
+             "run.fuse_block_params": False},
+    "mae": {"model.decoder_embed_dim": None, "model.decoder_depth": None, "model.decoder_num_heads": None,
+            "model.pred_t_dim": None},
+    "classifier": {"model.num_classes": None, "model.global_pool": None},
+}
 
 
 def checkpoint_root(output_dir: str) -> Path:
@@ -58,6 +73,26 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[Tuple[Path, str]]:
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE_MARKER}); "
                                 f"pass a {checkpoint_root(output_dir)}/step* folder or --resume auto")
     return folder.parent, folder.name
+
+
+def check_resume_layout(folder: Path, cfg: JobConfig) -> None:
+    """Refuses, naming every difference, a checkpoint whose saved config gives the model other parameters than
+    `cfg` does (DeepSpeed itself would fail deep inside its partitioned state, or load a wrong layout)."""
+    saved = json.loads((folder / COMPLETE_MARKER).read_text()).get("config")
+    if not saved:
+        return
+    now = dataclasses.asdict(cfg)
+    family = model_family(cfg.model.name)
+    differences = []
+    for key, assumed in {**_LAYOUT["both"], **_LAYOUT[family]}.items():
+        section, name = key.split(".")
+        then = saved.get(section, {}).get(name, assumed)
+        if then is not None and then != now[section][name]:
+            flag = "--model" if key == "model.name" else f"--{name}"
+            differences.append(f"{flag} {then} (checkpoint) vs {now[section][name]} (now)")
+    if differences:
+        raise ConfigError(f"{folder} holds another model layout: {'; '.join(differences)}. Resume with the "
+                          f"checkpoint's settings, or start a new --output_dir")
 
 
 def save_checkpoint(engine, output_dir: str, global_step: int, client_state: Dict[str, Any], keep: int,
@@ -92,7 +127,7 @@ def consolidated_fp32_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
         state[name] = (full if full is not None else param.detach()).float().cpu().clone()
     for name, buffer in model.named_buffers():
         state[name] = buffer.detach().float().cpu().clone()
-    return state
+    return unfuse_state_dict(model, state)
 
 
 def export_weights(model: nn.Module, path: Path, is_main: bool, metadata: Dict[str, str]) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
 
 from mae_st.config import OptimConfig
+from mae_st.engine.fused_params import FUSED_DECAY, FUSED_NO_DECAY
 
 # parameters before the first block: they share the embedding "layer 0" of layer-wise decay
 EMBEDDING_PREFIXES = ("cls_token", "mask_token", "patch_embed", "pos_embed")
@@ -23,12 +24,20 @@ def layer_id(name: str, num_layers: int) -> int:
     return num_layers
 
 
-def skips_weight_decay(name: str, param: nn.Parameter, no_decay_names: set, bias_wd: bool) -> bool:
-    """Norms, biases (unless bias_wd) and the model's token / position embeddings are not decayed."""
-    if name in no_decay_names:
-        return True
-    is_bias = name.endswith(".bias")
-    return param.ndim <= 1 and not (bias_wd and is_bias)
+def weight_decay_rule(model: nn.Module, bias_wd: bool = False) -> Callable[[str, nn.Parameter], bool]:
+    """decays(name, param): norms, biases (unless bias_wd) and the model's token / position embeddings are not
+    decayed; a packed block's two flat tensors (mae_st.engine.fused_params) say which they are by name."""
+    no_decay_names = set(model.no_weight_decay())
+
+    def decays(name: str, param: nn.Parameter) -> bool:
+        leaf = name.rpartition(".")[2]
+        if leaf in (FUSED_DECAY, FUSED_NO_DECAY):
+            return leaf == FUSED_DECAY
+        if name in no_decay_names:
+            return False
+        return param.ndim > 1 or (bias_wd and name.endswith(".bias"))
+
+    return decays
 
 
 def build_param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
@@ -38,12 +47,12 @@ def build_param_groups(model: nn.Module, weight_decay: float, layer_decay: float
     lr_scale = layer_decay ** (num_layers - layer); with layer_decay 1 (pretraining) every scale is 1.
     """
     num_layers = len(model.blocks) + 1
-    no_decay_names = set(model.no_weight_decay())
+    decays_at = weight_decay_rule(model, bias_wd)
     groups: Dict[Tuple[int, bool], Dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decays = not skips_weight_decay(name, param, no_decay_names, bias_wd)
+        decays = decays_at(name, param)
         layer = layer_id(name, num_layers) if layer_decay != 1.0 else num_layers
         group = groups.setdefault((layer, decays), {
             "params": [], "weight_decay": weight_decay if decays else 0.0,

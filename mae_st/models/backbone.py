@@ -9,7 +9,7 @@ from typing import Callable, Optional, Set
 import torch
 import torch.nn as nn
 
-from mae_st.models.layers import PatchEmbed, PosEmbedLayout, default_norm_layer, make_blocks, run_blocks
+from mae_st.models.layers import PatchEmbed, PosEmbedLayout, default_norm_layer, make_blocks
 
 
 @dataclass(frozen=True)
@@ -79,4 +79,4 @@ class VideoViTBackbone(nn.Module):
         return torch.cat([cls, x], dim=1)
 
     def _run_encoder_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        return run_blocks(self.blocks, x, self.grad_checkpointing)
+        return self.blocks(x, self.grad_checkpointing)

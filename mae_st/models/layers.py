@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -110,6 +110,18 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+class BlockStack(nn.ModuleList):
+    """Transformer blocks applied in order, as one module: under ZeRO-3 the engine gathers a whole stack at once
+    (mae_st/engine/zero.py). Parameter names are those of a plain ModuleList (`blocks.0.attn.q.weight`)."""
+
+    def forward(self, x: torch.Tensor, grad_checkpointing: bool = False) -> torch.Tensor:
+        """With grad_checkpointing, each block's activations are recomputed in backward instead of stored."""
+        checkpointed = grad_checkpointing and torch.is_grad_enabled()
+        for block in self:
+            x = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
+        return x
+
+
 def make_blocks(
     depth: int,
     dim: int,
@@ -118,9 +130,9 @@ def make_blocks(
     qkv_bias: bool,
     norm_layer: Callable[[int], nn.Module],
     drop_path_rate: float = 0.0,
-) -> nn.ModuleList:
+) -> BlockStack:
     """A stack of `depth` blocks whose drop-path rate grows linearly from 0 to `drop_path_rate`."""
-    return nn.ModuleList(
+    return BlockStack(
         Block(dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=rate, norm_layer=norm_layer)
         for rate in linear_drop_path_rates(drop_path_rate, depth)
     )
@@ -131,14 +143,6 @@ def linear_drop_path_rates(drop_path_rate: float, depth: int) -> List[float]:
     if depth <= 1:
         return [0.0] * depth
     return [drop_path_rate * i / (depth - 1) for i in range(depth)]
-
-
-def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
-    """Applies the blocks in order; with grad_checkpointing, recomputes each block's activations in backward."""
-    checkpointed = grad_checkpointing and torch.is_grad_enabled()
-    for blk in blocks:
-        x = checkpoint(blk, x, use_reentrant=False) if checkpointed else blk(x)
-    return x
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from mae_st.models.backbone import TokenCounts, VideoViTBackbone
-from mae_st.models.layers import default_norm_layer, init_vit_weights, make_blocks, run_blocks
+from mae_st.models.layers import default_norm_layer, init_vit_weights, make_blocks
 from mae_st.models.registry import register_model
 
 
@@ -182,7 +182,7 @@ class MaskedAutoencoderViT(VideoViTBackbone):
         x = x + patch_pos
         if self.cls_embed:
             x = torch.cat([(self.decoder_cls_token + cls_pos).expand(n, -1, -1), x], dim=1)
-        x = run_blocks(self.decoder_blocks, x, self.grad_checkpointing)
+        x = self.decoder_blocks(x, self.grad_checkpointing)
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, int(self.cls_embed) :]
 
