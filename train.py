@@ -18,7 +18,8 @@ import torch
 from mae_st.config import ConfigError, JobConfig, parse_job_config
 from mae_st.engine.checkpoint import check_resume_layout, export_weights, load_checkpoint, resolve_resume
 from mae_st.engine.data import build_eval_data, build_train_data
-from mae_st.engine.distributed import DistEnv, init_distributed, seed_model_init, shutdown_distributed
+from mae_st.engine.distributed import (DistEnv, exit_without_native_teardown, init_distributed, seed_model_init,
+                                       shutdown_distributed)
 from mae_st.engine.ds_config import default_ds_config_path, fill_ds_config, load_ds_config, uses_bf16
 from mae_st.engine.metrics import RunLogger
 from mae_st.engine.fused_params import fuse_block_parameters
@@ -179,3 +180,4 @@ if __name__ == "__main__":
     except ConfigError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+    exit_without_native_teardown()
