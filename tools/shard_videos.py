@@ -24,8 +24,9 @@ seeking decodes little waste, while keyframes stay a small share of the bytes. T
 phone footage upright, makes the frame rate constant, removes B-frames and rounds sizes to even numbers.
 --codec copy stores the original files unchanged (each is fully decoded once to check it).
 --codec jpeg stores every frame as its own JPEG (<key>.000000.jpg, ...), so a clip is read and decoded frame by
-frame (nvJPEG on the GPU) instead of decoding a whole video per clip: much faster for one-clip-per-video
-finetuning, at several times the bytes of VP9 (--fps and --short_side shrink it). See docs/performance.md.
+frame (on the DALI CPU threads by default; --jpeg_decode_device gpu for nvJPEG) instead of decoding a whole video
+per clip: much faster for one-clip-per-video finetuning, at about 10x the bytes of VP9 (--fps and --short_side
+shrink it). See docs/performance.md.
 """
 
 from __future__ import annotations
