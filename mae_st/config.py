@@ -181,82 +181,163 @@ class ConfigError(ValueError):
 def build_arg_parser() -> argparse.ArgumentParser:
     """The train.py command line: the original's flag names (and aliases) plus DeepSpeed/shard-specific ones."""
     p = argparse.ArgumentParser(
-        prog="train.py", usage="deepspeed train.py --mode {pretrain,finetune} [options]  (--help lists them)",
-        description="MAE-ST pretraining and finetuning on DeepSpeed.",
+        prog="train.py",
+        usage="python train.py --mode {pretrain,finetune} [options]   (one process: one GPU, or the CPU)\n"
+              "       deepspeed [--num_gpus N] train.py --mode {pretrain,finetune} [options]   (several GPUs/nodes)",
+        description="MAE-ST pretraining and finetuning on DeepSpeed. Every flag's default is shown; finetuning "
+                    "changes a few of them (shown as 'finetune: ...'). A given flag always wins.",
     )
-    p.add_argument("--mode", dest="run.mode", choices=("pretrain", "finetune"), required=True)
+    p.add_argument("--mode", dest="run.mode", choices=("pretrain", "finetune"), required=True,
+                   help="pretrain: MAE-ST masked-video pretraining (no labels); finetune: train and evaluate a "
+                        "video classifier (required)")
+    _add_model_flags(p.add_argument_group("model"))
+    _add_data_flags(p.add_argument_group("data"))
+    _add_optim_flags(p.add_argument_group("optimisation"))
+    _add_run_flags(p.add_argument_group("run"))
+    _add_ignored_flags(p.add_argument_group(
+        "accepted for compatibility, ignored",
+        "the original's flags " + " ".join(IGNORED_FLAGS) + " are accepted, so its command lines keep working, "
+        "and ignored with a one-line note (the DALI pipeline and the DeepSpeed launcher do their jobs)"))
+    return p
 
-    m = p.add_argument_group("model")
-    _value(m, "--model", "model.name", str)
-    for name in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "t_patch_size", "pred_t_dim",
-                 "num_classes"):
-        _value(m, f"--{name}", f"model.{name}", int)
-    for name in ("mask_ratio", "drop_path_rate", "dropout"):
-        _value(m, f"--{name}", f"model.{name}", float)
-    for name in ("norm_pix_loss", "sep_pos_embed", "cls_embed", "trunc_init", "grad_checkpointing"):
-        _switch(m, name, f"model.{name}")
-    m.add_argument("--no_qkv_bias", dest="model.no_qkv_bias", action="store_const", const=True, default=None)
-    m.add_argument("--global_pool", dest="model.global_pool", action="store_const", const=True, default=None)
-    m.add_argument("--cls_token", dest="model.global_pool", action="store_const", const=False, default=None,
-                   help="classify from the cls token instead of average pooling")
 
-    d = p.add_argument_group("data")
-    _value(d, "--train_shards", "data.train_shards", str,
-           help="packed shard folder / pattern / manifest, or synthetic:N for N generated clips")
-    _value(d, "--val_shards", "data.val_shards", str)
-    _value(d, "--batch_size_per_gpu", "data.batch_size_per_gpu", int, aliases=("--batch_size",),
-           help="videos per GPU and micro-step; clips = this * --repeat_aug")
-    _value(d, "--img_size", "data.img_size", int, aliases=("--input_size",))
-    for name in ("num_frames", "sampling_rate", "repeat_aug", "recount", "test_num_ensemble_views",
-                 "test_num_spatial_crops"):
-        _value(d, f"--{name}", f"data.{name}", int)
-    _value(d, "--num_threads", "data.num_threads", int,
-           help="DALI CPU threads per GPU in total: each of the --pipelines_per_gpu pipelines gets "
-                "max(1, num_threads // pipelines_per_gpu)")
-    _value(d, "--pipelines_per_gpu", "data.pipelines_per_gpu", int,
-           help="DALI pipelines per GPU, run concurrently (round-robin) over disjoint slices of the rank's "
-                "samples; more keep the video decoder busy. 0 (default): 4 on NVDEC, 1 on the CPU decoder")
-    for name in ("reprob", "mixup", "cutmix", "smoothing", "mixup_prob", "mixup_switch_prob"):
-        _value(d, f"--{name}", f"data.{name}", float)
-    for name in ("aa", "remode", "mixup_mode"):
-        _value(d, f"--{name}", f"data.{name}", str)
-    _value(d, "--decode_device", "data.decode_device", str, choices=("auto", "gpu", "cpu"))
-    _value(d, "--jpeg_decode_device", "data.jpeg_decode_device", str, choices=("cpu", "gpu"),
-           help="jpeg-payload shards on a GPU: decode the frames on the DALI CPU threads (default) or with nvJPEG")
-    for name in ("jitter_scales_relative", "jitter_aspect_relative", "cutmix_minmax"):
-        _value(d, f"--{name}", f"data.{name}", float, nargs=2)
-    _switch(d, "rand_aug", "data.rand_aug")
+def _add_model_flags(m) -> None:
+    _value(m, "--model", "model.name", str, "network to build by name: an mae_vit_* model to pretrain, a vit_* "
+           "classifier to finetune")
+    _value(m, "--decoder_embed_dim", "model.decoder_embed_dim", int, "width of the MAE decoder, in channels")
+    _value(m, "--decoder_depth", "model.decoder_depth", int, "transformer blocks in the MAE decoder")
+    _value(m, "--decoder_num_heads", "model.decoder_num_heads", int, "attention heads of the MAE decoder")
+    _value(m, "--t_patch_size", "model.t_patch_size", int, "frames per patch in time (temporal patch size)")
+    _value(m, "--pred_t_dim", "model.pred_t_dim", int, "frames per clip the MAE decoder predicts (evenly spaced; "
+           "<= --num_frames)")
+    _value(m, "--num_classes", "model.num_classes", int, "classes of the classifier head (finetune)")
+    _value(m, "--mask_ratio", "model.mask_ratio", float, "share of patches hidden from the MAE encoder, in (0, 1)")
+    _value(m, "--drop_path_rate", "model.drop_path_rate", float, "stochastic-depth rate of the classifier's "
+           "blocks, 0-1 (finetune)")
+    _value(m, "--dropout", "model.dropout", float, "dropout rate before the classifier head, 0-1 (finetune)")
+    _switch(m, "norm_pix_loss", "model.norm_pix_loss", "MAE loss on per-patch normalised pixels instead of raw "
+            "pixels")
+    _switch(m, "sep_pos_embed", "model.sep_pos_embed", "separate space and time position embeddings (the released "
+            "checkpoints' layout) instead of one joint table")
+    _switch(m, "cls_embed", "model.cls_embed", "a cls token in the encoder (the released checkpoints have one)")
+    _switch(m, "trunc_init", "model.trunc_init", "truncated-normal (std 0.02) instead of Xavier-uniform init of "
+            "the linear layers")
+    _switch(m, "grad_checkpointing", "model.grad_checkpointing", "recompute each block's activations during "
+            "backward: less GPU memory (ViT-H), more compute per step")
+    _flag(m, "--no_qkv_bias", "model.no_qkv_bias", True, "no bias in the attention qkv projections", "off")
+    _flag(m, "--global_pool", "model.global_pool", True, "classify from the mean of the patch tokens", "on")
+    _flag(m, "--cls_token", "model.global_pool", False, "classify from the cls token instead of --global_pool",
+          "off")
 
-    o = p.add_argument_group("optimisation")
-    for name in ("epochs", "accum_iter"):
-        _value(o, f"--{name}", f"optim.{name}", int)
-    for name in ("warmup_epochs", "lr", "blr", "min_lr", "weight_decay", "layer_decay", "clip_grad"):
-        _value(o, f"--{name}", f"optim.{name}", float)
-    _value(o, "--beta", "optim.betas", float, nargs=2, help="AdamW betas")
-    _switch(o, "bias_wd", "optim.bias_wd")
 
-    r = p.add_argument_group("run")
-    for name in ("output_dir", "save_prefix", "resume", "finetune", "ds_config"):
-        _value(r, f"--{name}", f"run.{name}", str)
-    for name in ("seed", "zero_stage", "checkpoint_period", "save_every_steps", "log_interval",
-                 "max_steps_per_epoch", "max_nonfinite_steps", "local_rank"):
-        _value(r, f"--{name}", f"run.{name}", int)
-    _value(r, "--num_checkpoint_del", "run.keep_checkpoints", int, help="keep only the newest N checkpoints")
-    _switch(r, "fuse_block_params", "run.fuse_block_params")
-    r.add_argument("--eval", dest="run.eval_only", action="store_const", const=True, default=None,
-                   help="only evaluate (--finetune weights or --resume checkpoint) on --val_shards")
-    r.add_argument("--export", dest="run.export", action="store_const", const=True, default=None,
-                   help="only write the consolidated fp32 weights of --resume (default: latest) and exit")
+def _add_data_flags(d) -> None:
+    _value(d, "--train_shards", "data.train_shards", str, "training data: a packed shard folder, a brace pattern "
+           "(train-{000000..000009}.tar) or a manifest.csv; synthetic:N for N generated clips", metavar="SHARDS")
+    _value(d, "--val_shards", "data.val_shards", str, "validation data, the same forms; finetuning evaluates on "
+           "it after every epoch", metavar="SHARDS")
+    _value(d, "--batch_size_per_gpu", "data.batch_size_per_gpu", int, "videos per GPU and micro-step; clips per "
+           "step = this x --repeat_aug", aliases=("--batch_size",))
+    _value(d, "--img_size", "data.img_size", int, "side of the square clips, in pixels", aliases=("--input_size",))
+    _value(d, "--num_frames", "data.num_frames", int, "frames per clip")
+    _value(d, "--sampling_rate", "data.sampling_rate", int, "stride between a clip's frames, in source frames")
+    _value(d, "--repeat_aug", "data.repeat_aug", int, "clips cut from every decoded video (decoded once, sampled "
+           "this many times)")
+    _value(d, "--num_threads", "data.num_threads", int, "DALI CPU threads per GPU in total: each of the "
+           "--pipelines_per_gpu pipelines gets max(1, num_threads // pipelines_per_gpu)")
+    _value(d, "--pipelines_per_gpu", "data.pipelines_per_gpu", int, "DALI pipelines per GPU, run concurrently "
+           "(round-robin) over disjoint slices of the rank's samples; more keep the video decoder busy. 0: 4 on "
+           "NVDEC, 1 on the CPU decoder")
+    _value(d, "--decode_device", "data.decode_device", str, "where videos decode: gpu (NVDEC), cpu (DALI's CPU "
+           "decoder: VP8/VP9/MJPEG), auto (gpu when there is one)", choices=("auto", "gpu", "cpu"))
+    _value(d, "--jpeg_decode_device", "data.jpeg_decode_device", str, "jpeg-payload shards on a GPU: decode the "
+           "frames on the DALI CPU threads or with nvJPEG", choices=("cpu", "gpu"))
+    _value(d, "--jitter_scales_relative", "data.jitter_scales_relative", float, "random-resized-crop area range, "
+           "as shares of the frame (min max)", nargs=2, metavar=("MIN", "MAX"))
+    _value(d, "--jitter_aspect_relative", "data.jitter_aspect_relative", float, "random-resized-crop aspect-ratio "
+           "range, width/height (min max)", nargs=2, metavar=("MIN", "MAX"))
+    _switch(d, "rand_aug", "data.rand_aug", "RandAugment (--aa) on the training clips (finetune)")
+    _value(d, "--aa", "data.aa", str, "RandAugment policy, timm syntax rand-m<magnitude>-n<ops>-... (with "
+           "--rand_aug)", metavar="POLICY")
+    _value(d, "--reprob", "data.reprob", float, "probability of random erasing per training clip, 0-1 (finetune)")
+    _value(d, "--remode", "data.remode", str, "random-erasing fill: pixel (per-pixel noise), rand (per-channel "
+           "noise) or const (zeros)", metavar="MODE")
+    _value(d, "--recount", "data.recount", int, "random-erasing boxes per erased clip")
+    _value(d, "--mixup", "data.mixup", float, "mixup alpha; 0 turns mixup off (finetune)")
+    _value(d, "--cutmix", "data.cutmix", float, "cutmix alpha; 0 turns cutmix off (finetune)")
+    _value(d, "--cutmix_minmax", "data.cutmix_minmax", float, "cutmix box size range as shares of the frame "
+           "(min max), used instead of the --cutmix alpha", nargs=2, metavar=("MIN", "MAX"))
+    _value(d, "--mixup_prob", "data.mixup_prob", float, "probability of mixing a batch (mixup or cutmix), 0-1")
+    _value(d, "--mixup_switch_prob", "data.mixup_switch_prob", float, "probability of cutmix instead of mixup "
+           "when both are on, 0-1")
+    _value(d, "--mixup_mode", "data.mixup_mode", str, "mixup/cutmix parameters drawn per batch, pair or elem "
+           "(timm's Mixup)", metavar="MODE")
+    _value(d, "--smoothing", "data.smoothing", float, "label smoothing of the classification targets, 0-1")
+    _value(d, "--test_num_ensemble_views", "data.test_num_ensemble_views", int, "evaluation: clips per video, "
+           "evenly spaced in time; their predictions are averaged")
+    _value(d, "--test_num_spatial_crops", "data.test_num_spatial_crops", int, "evaluation: square crops per clip "
+           "along the longer side (1: centre, 3: both ends and centre)")
+
+
+def _add_optim_flags(o) -> None:
+    _value(o, "--epochs", "optim.epochs", int, "passes over the training shards")
+    _value(o, "--accum_iter", "optim.accum_iter", int, "micro-steps per optimizer step (gradient accumulation)")
+    _value(o, "--warmup_epochs", "optim.warmup_epochs", float, "epochs of linear lr warmup before the cosine decay")
+    _value(o, "--lr", "optim.lr", float, "peak learning rate, absolute; overrides --blr",
+           default_text="from --blr")
+    _value(o, "--blr", "optim.blr", float, "base learning rate: peak lr = blr x effective batch / 256, the batch "
+           "in clips (x --repeat_aug, --accum_iter and the world size)")
+    _value(o, "--min_lr", "optim.min_lr", float, "learning rate at the end of the cosine decay")
+    _value(o, "--weight_decay", "optim.weight_decay", float, "AdamW weight decay")
+    _value(o, "--layer_decay", "optim.layer_decay", float, "layer-wise lr decay per block from the head down, in "
+           "(0, 1]; 1 turns it off (finetune)")
+    _value(o, "--clip_grad", "optim.clip_grad", float, "clip the global gradient norm to this value",
+           default_text="no clipping")
+    _value(o, "--beta", "optim.betas", float, "AdamW betas (beta1 beta2)", nargs=2, metavar=("B1", "B2"))
+    _switch(o, "bias_wd", "optim.bias_wd", "weight decay on biases and norm weights too")
+
+
+def _add_run_flags(r) -> None:
+    _value(r, "--output_dir", "run.output_dir", str, "checkpoints, log.jsonl, config.json and the exported weights "
+           "go here", metavar="DIR")
+    _value(r, "--save_prefix", "run.save_prefix", str, "prefix of the exported files' names "
+           "(<prefix>model.safetensors, <prefix>best.safetensors)", metavar="PREFIX")
+    _value(r, "--resume", "run.resume", str, "auto: continue from the newest complete checkpoint in --output_dir "
+           "(a fresh start when there is none); or a checkpoint folder <output_dir>/checkpoints/<tag>",
+           metavar="auto|DIR")
+    _value(r, "--finetune", "run.finetune", str, "pretrained weights to start the classifier from: our "
+           ".safetensors export or the original's .pth", metavar="WEIGHTS")
+    _value(r, "--ds_config", "run.ds_config", str, "DeepSpeed JSON", metavar="JSON",
+           default_text="ds_configs/pretrain_zero3_bf16.json, finetune: ds_configs/finetune_zero3_bf16.json")
+    _value(r, "--zero_stage", "run.zero_stage", int, "DeepSpeed ZeRO stage 0-3, overriding the JSON's",
+           default_text="the JSON's")
+    _value(r, "--seed", "run.seed", int, "seed of the model init, masks, augmentation and epoch order")
+    _value(r, "--checkpoint_period", "run.checkpoint_period", int, "save a checkpoint every this many epochs")
+    _value(r, "--save_every_steps", "run.save_every_steps", int, "also save every this many steps; 0: only at "
+           "epoch ends")
+    _value(r, "--num_checkpoint_del", "run.keep_checkpoints", int, "keep only the newest N checkpoints")
+    _value(r, "--log_interval", "run.log_interval", int, "steps between log.jsonl records (and the bar's clips/s)")
+    _value(r, "--max_steps_per_epoch", "run.max_steps_per_epoch", int, "cap on the micro-steps of an epoch; 0: a "
+           "full pass over the shards")
+    _value(r, "--max_nonfinite_steps", "run.max_nonfinite_steps", int, "consecutive NaN/inf-loss steps skipped "
+           "before the run stops with an error")
+    _value(r, "--local_rank", "run.local_rank", int, "the process's GPU on its node; the DeepSpeed launcher passes "
+           "it, never needed by hand")
+    _switch(r, "fuse_block_params", "run.fuse_block_params", "pack each transformer block's parameters into two "
+            "flat tensors inside the engine (fewer tensors for DeepSpeed); exports keep the usual names")
+    _flag(r, "--eval", "run.eval_only", True, "only evaluate (--finetune weights or --resume checkpoint) on "
+          "--val_shards", "off")
+    _flag(r, "--export", "run.export", True, "only write the consolidated fp32 weights of --resume (default: the "
+          "latest checkpoint) and exit", "off")
     r.add_argument("--path_to_data_dir", dest="path_to_data_dir", default=None, help=argparse.SUPPRESS)
 
-    ignored = p.add_argument_group("accepted for compatibility, ignored")
+
+def _add_ignored_flags(group) -> None:
     for flag in IGNORED_FLAGS:
         if flag in _TAKES_VALUE:
-            ignored.add_argument(flag, dest=f"ignored{flag}", default=None, help=argparse.SUPPRESS)
+            group.add_argument(flag, dest=f"ignored{flag}", default=None, help=argparse.SUPPRESS)
         else:
-            ignored.add_argument(flag, dest=f"ignored{flag}", action="store_const", const=True, default=None,
-                                 help=argparse.SUPPRESS)
-    return p
+            group.add_argument(flag, dest=f"ignored{flag}", action="store_const", const=True, default=None,
+                               help=argparse.SUPPRESS)
 
 
 def parse_job_config(argv: Optional[Sequence[str]] = None) -> JobConfig:
@@ -333,12 +414,46 @@ def validate_job_config(cfg: JobConfig) -> None:
         raise ConfigError("--mixup/--cutmix apply to finetuning only (--mode finetune)")
 
 
-def _value(group, flag: str, dest: str, type_, aliases: Tuple[str, ...] = (), **kwargs) -> None:
-    group.add_argument(flag, *aliases, dest=dest, type=type_, default=None, **kwargs)
+def _value(group, flag: str, dest: str, type_, help: str, aliases: Tuple[str, ...] = (),
+           default_text: Optional[str] = None, **kwargs) -> None:
+    """A flag with a value; its help ends with the default, read from the dataclasses (defaults live there)."""
+    kwargs.setdefault("metavar", None if "choices" in kwargs else _METAVARS[type_])
+    group.add_argument(flag, *aliases, dest=dest, type=type_, default=None,
+                       help=f"{help} (default: {default_text or _default_text(dest)})", **kwargs)
 
 
-def _switch(group, name: str, dest: str) -> None:
+def _switch(group, name: str, dest: str, help: str) -> None:
     """--name / --no_name for a boolean whose default lives in the dataclass."""
-    group.add_argument(f"--{name}", dest=dest, action="store_const", const=True, default=None)
+    default = _default_text(dest)
+    turn_off = f"; --no_{name} turns it off" if default == "on" else ""
+    group.add_argument(f"--{name}", dest=dest, action="store_const", const=True, default=None,
+                       help=f"{help} (default: {default}{turn_off})")
     group.add_argument(f"--no_{name}", dest=dest, action="store_const", const=False, default=None,
                        help=argparse.SUPPRESS)
+
+
+def _flag(group, flag: str, dest: str, const: bool, help: str, default_text: str) -> None:
+    group.add_argument(flag, dest=dest, action="store_const", const=const, default=None,
+                       help=f"{help} (default: {default_text})")
+
+
+_METAVARS = {int: "N", float: "X", str: "NAME"}
+
+
+def _default_text(dest: str) -> str:
+    """The dataclass default of `dest` ("section.field") as --help prints it, with finetuning's own if it has one."""
+    section, name = dest.split(".")
+    text = _format_default(getattr(getattr(JobConfig(), section), name))
+    if dest in FINETUNE_DEFAULTS:
+        text += f"; finetune: {_format_default(FINETUNE_DEFAULTS[dest])}"
+    return text
+
+
+def _format_default(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    if value is None or value == "":
+        return "none"
+    return str(value)

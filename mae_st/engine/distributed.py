@@ -1,10 +1,12 @@
-"""Process setup under the DeepSpeed launcher: ranks, the device of this rank, collective helpers."""
+"""Process setup: ranks (from the DeepSpeed launcher, or one process without it), the device of this rank,
+collective helpers."""
 
 from __future__ import annotations
 
 import logging
 import os
 import random
+import socket
 import sys
 from dataclasses import dataclass
 
@@ -12,6 +14,11 @@ import deepspeed
 import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
+
+log = logging.getLogger(__name__)
+
+# Set by the DeepSpeed launcher, torchrun or an MPI launcher; with none of them this process is the whole world.
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 @dataclass(frozen=True)
@@ -33,10 +40,13 @@ class DistEnv:
 
 
 def init_distributed() -> DistEnv:
-    """Joins the process group the DeepSpeed launcher set up (RANK/WORLD_SIZE/LOCAL_RANK in the environment).
+    """Joins the process group the launcher set up (RANK/WORLD_SIZE/LOCAL_RANK in the environment), or makes
+    this process a world of one when it was started without a launcher (`python train.py ...`).
 
     DeepSpeed picks its accelerator itself: CUDA when there is a GPU, its CPU accelerator (gloo/shm) otherwise.
     """
+    if not any(name in os.environ for name in LAUNCHER_ENV):
+        set_single_process_env()
     accelerator = get_accelerator()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -45,6 +55,29 @@ def init_distributed() -> DistEnv:
         torch.cuda.set_device(device)
     return DistEnv(rank=deepspeed.comm.get_rank(), world_size=deepspeed.comm.get_world_size(),
                    local_rank=local_rank, device=device)
+
+
+def set_single_process_env() -> None:
+    """The environment a launcher would give rank 0 of a world of one.
+
+    Without it DeepSpeed looks for an MPI job (and fails on `import mpi4py` where that is not installed). A
+    MASTER_ADDR/MASTER_PORT already set is kept.
+    """
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # a warning, not info: logging is configured only after this, and on a machine with several GPUs the user
+    # may have meant to use them all
+    log.warning("no launcher environment (RANK/WORLD_SIZE unset): running as a single process on one device, "
+                "world size 1 (rendezvous %s:%s); `deepspeed train.py ...` uses several GPUs or nodes",
+                os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it), for a single process's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shutdown_distributed() -> None:

@@ -41,12 +41,20 @@ class IntervalMeter:
         }
 
 
+def bar_rates(record: Dict[str, Any]) -> Dict[str, str]:
+    """The throughput part of a train record as the bar shows it: clips/s over all ranks, % of time waiting
+    for data (high: the input pipeline, not the model, sets the pace)."""
+    return {"clips/s": f"{record['clips_per_s']:.1f}", "data_wait": f"{100 * record['data_wait_frac']:.0f}%"}
+
+
 class RunLogger:
     """Writes records only on the main rank; other ranks hold a no-op logger."""
 
     def __init__(self, output_dir: str, is_main: bool, resumed: bool):
         self.is_main = is_main
         self.bar: Optional[tqdm] = None
+        self._step_values: Dict[str, str] = {}  # loss and lr of the last step
+        self._rates: Dict[str, str] = {}  # the last logging interval's throughput, shown until the next one
         self._file = None
         self._tb = None
         if not is_main:
@@ -65,10 +73,15 @@ class RunLogger:
             self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch}", dynamic_ncols=True, mininterval=1.0)
 
     def advance(self, postfix: Dict[str, float]) -> None:
+        """One step done; `postfix` (loss, lr) goes on the bar beside the last interval's clips/s and data wait."""
         if self.bar is not None:
             self.bar.update(1)
-            if postfix:
-                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            self._step_values = {k: f"{v:.4g}" for k, v in postfix.items()}
+            self._show()
+
+    def _show(self) -> None:
+        # no refresh here: tqdm redraws at its next update, at most once per mininterval
+        self.bar.set_postfix({**self._step_values, **self._rates}, refresh=False)
 
     def end_epoch(self) -> None:
         if self.bar is not None:
@@ -81,6 +94,10 @@ class RunLogger:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if record.get("kind", "train") == "train" and "clips_per_s" in record:
+            self._rates = bar_rates(record)
+            if self.bar is not None:
+                self._show()
         if self._tb is not None:
             kind, step = record.get("kind", "train"), record.get("global_step", 0)
             for key, value in record.items():
