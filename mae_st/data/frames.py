@@ -10,8 +10,9 @@ pipeline reads the slots and decodes exactly num_frames images per clip (`mae_st
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -71,6 +72,29 @@ def uniform_starts(count: int, cfg: DataConfig) -> List[int]:
     return [(last_start // (views - 1)) * v for v in range(views)]
 
 
+def clip_starts(count: int, cfg: DataConfig, rng: Optional[np.random.Generator]) -> List[int]:
+    """First frames of a sample's clips: repeat_aug random starts drawn from `rng` (training), or the evaluation
+    views when `rng` is None."""
+    return uniform_starts(count, cfg) if rng is None else random_starts(count, cfg, cfg.repeat_aug, rng)
+
+
+def sample_clip_indices(count: int, cfg: DataConfig, rng: Optional[np.random.Generator]) -> List[List[int]]:
+    """Every clip's frame indices for a sample of `count` frames (`clip_starts`, then `clip_frame_indices`)."""
+    return [clip_frame_indices(start, count, cfg) for start in clip_starts(count, cfg, rng)]
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """A generator that depends only on (seed, epoch, sample key): a sample's clips do not change with the order
+    in which threads happen to read it, nor with the bad samples around it."""
+    key_hash = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    return np.random.default_rng([seed, epoch, key_hash])
+
+
+def sample_members(ref: SampleRef) -> Dict[str, Tuple[int, int, str]]:
+    """ext -> (offset, size, member name) of each member the sample's index line lists."""
+    return {ext: (int(offset), int(size), name) for ext, offset, size, name in _components(ref.index_line)}
+
+
 def with_clip_frames(ref: SampleRef, cfg: DataConfig, rng: Optional[np.random.Generator]) -> SampleRef:
     """`ref` with an index line that makes the pipeline read clip j's k-th frame as slot j * num_frames + k, plus
     the sample's metadata: repeat_aug clips at random starts drawn from `rng` (training), or the evaluation views
@@ -80,9 +104,7 @@ def with_clip_frames(ref: SampleRef, cfg: DataConfig, rng: Optional[np.random.Ge
     meta = [c for c in components if c[0] == META_EXT]
     if not frames or not meta:
         raise ValueError(f"sample {ref.key} of {ref.tar} has no frames or no {META_EXT} member; re-pack it")
-    count = len(frames)
-    starts = uniform_starts(count, cfg) if rng is None else random_starts(count, cfg, cfg.repeat_aug, rng)
-    indices = [i for start in starts for i in clip_frame_indices(start, count, cfg)]
+    indices = [i for clip in sample_clip_indices(len(frames), cfg, rng) for i in clip]
     slots = [(name, *frames[i][1:]) for name, i in zip(slot_names(len(indices)), indices)]
     return replace(ref, index_line=" ".join(" ".join(c) for c in [*slots, meta[0]]))
 
