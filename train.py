@@ -1,6 +1,7 @@
 """MAE-ST pretraining and finetuning on DeepSpeed: `deepspeed train.py --mode {pretrain,finetune} ...`.
 
-Reads top to bottom: config -> distributed -> model -> engine (+ resume) -> data -> epochs -> export.
+Reads top to bottom: config -> distributed -> model + engine (mae_st/engine/build.py) + resume -> data -> epochs
+-> export.
 """
 
 from __future__ import annotations
@@ -12,22 +13,18 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import deepspeed
 import torch
 
 from mae_st.config import ConfigError, JobConfig, parse_job_config
+from mae_st.engine.build import build_engine
+from mae_st.data.augment import build_batch_transform
 from mae_st.engine.checkpoint import check_resume_layout, export_weights, load_checkpoint, resolve_resume
 from mae_st.engine.data import build_eval_data, build_train_data
-from mae_st.engine.distributed import (DistEnv, exit_without_native_teardown, init_distributed, seed_model_init,
-                                       shutdown_distributed)
-from mae_st.engine.ds_config import default_ds_config_path, fill_ds_config, load_ds_config, uses_bf16
+from mae_st.engine.distributed import DistEnv, exit_without_native_teardown, init_distributed, shutdown_distributed
 from mae_st.engine.metrics import RunLogger
-from mae_st.engine.fused_params import fuse_block_parameters
-from mae_st.engine.optim import build_optimizer, weight_decay_rule
 from mae_st.engine.schedule import base_lr, effective_batch
-from mae_st.engine.trainer import StopSignal, Trainer, TrainState, build_loss_fn, evaluate
-from mae_st.engine.zero import gather_block_stacks_under_zero3
-from mae_st.models import build_model, load_checkpoint_file, load_encoder_into_classifier
+from mae_st.engine.trainer import StopSignal, Trainer, TrainState, evaluate
+from mae_st.models import load_checkpoint_file, load_encoder_into_classifier
 
 log = logging.getLogger("train")
 
@@ -45,25 +42,13 @@ def run_job(cfg: JobConfig, env: DistEnv) -> None:
     run = cfg.run
     finetune = run.mode == "finetune"
 
-    ds_config = build_ds_config(cfg, env)
-    dtype = torch.bfloat16 if uses_bf16(ds_config) else torch.float32
-    log.info("precision: %s on %s, world size %d, ZeRO stage %d", dtype, env.device, env.world_size,
-             ds_config.get("zero_optimization", {}).get("stage", 0))
-
-    seed_model_init(run.seed)
-    with torch.device(env.device):  # initialising ViT-H on the GPU takes seconds, on the CPU minutes
-        model = build_model(cfg.model, cfg.data.img_size, cfg.data.num_frames)
     resume = checked(lambda: resolve_resume(run.resume, run.output_dir), "--resume")
     if resume is not None:
         checked(lambda: check_resume_layout(resume[0] / resume[1], cfg), "--resume")
-    if finetune and run.finetune and resume is None:
-        load_pretrained(model, run.finetune)
-    if run.fuse_block_params:
-        packed = fuse_block_parameters(model, weight_decay_rule(model, cfg.optim.bias_wd))
-        log.info("packed the parameters of %d transformer blocks into 2 tensors each", packed)
-    optimizer = build_optimizer(model, cfg.optim, finetune, env.device)
-    gather_block_stacks_under_zero3(model, ds_config)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    pretrained = run.finetune if finetune and run.finetune and resume is None else ""
+    load_weights = (lambda model: load_pretrained(model, pretrained)) if pretrained else None
+    built = build_engine(cfg, env, load_weights=load_weights)
+    engine, dtype = built.engine, built.dtype
 
     state = TrainState()
     if resume is not None:
@@ -80,7 +65,8 @@ def run_job(cfg: JobConfig, env: DistEnv) -> None:
 
     logger = RunLogger(run.output_dir, env.is_main, resumed=resume is not None)
     save_run_config(cfg, env)
-    eval_data = (checked(lambda: build_eval_data(cfg.data, cfg.model.num_classes, env, dtype), "--val_shards")
+    eval_data = (checked(lambda: build_eval_data(cfg.data, cfg.model.num_classes, env, dtype, run.output_dir),
+                         "--val_shards")
                  if finetune else None)
     if run.eval_only:
         metrics = evaluate_only(engine, eval_data, cfg, env, dtype)
@@ -88,15 +74,16 @@ def run_job(cfg: JobConfig, env: DistEnv) -> None:
         logger.close()
         return
 
-    train_data = checked(lambda: build_train_data(cfg.data, run.mode, cfg.model.num_classes, env, run.seed, dtype),
+    train_data = checked(lambda: build_train_data(cfg.data, run.mode, cfg.model.num_classes, env, run.seed, dtype,
+                                                    run.output_dir),
                          "--train_shards")
     steps_per_epoch = optimizer_aligned_steps(len(train_data), run.max_steps_per_epoch, cfg.optim.accum_iter)
     eff_batch = effective_batch(cfg.data.batch_size_per_gpu, cfg.data.repeat_aug, cfg.optim.accum_iter,
                                 env.world_size)
     peak_lr = base_lr(cfg.optim, eff_batch)
     log.info("effective batch %d clips, peak lr %.3g, %d steps per epoch", eff_batch, peak_lr, steps_per_epoch)
-    trainer = Trainer(engine, cfg, env, build_loss_fn(run.mode, cfg.data.smoothing), logger, peak_lr,
-                      steps_per_epoch, StopSignal())
+    trainer = Trainer(engine, cfg, env, built.loss_fn, logger, peak_lr, steps_per_epoch, StopSignal(),
+                      batch_transform=build_batch_transform(cfg.data, run.mode, cfg.model.num_classes))
 
     while state.epoch < cfg.optim.epochs:
         trainer.train_epoch(train_data, state)
@@ -120,13 +107,6 @@ def run_job(cfg: JobConfig, env: DistEnv) -> None:
 def setup_logging(env: DistEnv) -> None:
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format=f"[rank{env.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-
-
-def build_ds_config(cfg: JobConfig, env: DistEnv) -> dict:
-    """The mode's shipped ZeRO-3 bf16 config (or --ds_config), completed from the flags; fp32 on the CPU."""
-    path = cfg.run.ds_config or default_ds_config_path(cfg.run.mode)
-    return checked(lambda: fill_ds_config(load_ds_config(path), cfg, env.world_size, bf16_supported=env.on_gpu,
-                                          source=f"--ds_config {path}"), "--ds_config")
 
 
 def load_pretrained(model: torch.nn.Module, path: str) -> None:

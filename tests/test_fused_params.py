@@ -1,5 +1,6 @@
-"""Packed block parameters (mae_st/engine/fused_params.py): the same math, the same optimizer groups, the usual
-names on the way out; and resuming refuses a checkpoint of another parameter layout."""
+"""Packed block parameters (mae_st/engine/fused_params.py, mae_st.models.layers.PackedBlock): the same math, the
+same optimizer groups, the usual names in and out of state dicts, aligned views; and resuming refuses a checkpoint
+of another parameter layout."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from mae_st.config import ConfigError, JobConfig
-from mae_st.engine.checkpoint import COMPLETE_MARKER, check_resume_layout
-from mae_st.engine.fused_params import FUSED_DECAY, FUSED_NO_DECAY, fuse_block_parameters, unfuse_state_dict
+from mae_st.config import ModelConfig
+from mae_st.engine.checkpoint import COMPLETE_MARKER, PARAM_LAYOUT, PARAM_LAYOUT_KEY, check_resume_layout
+from mae_st.engine.fused_params import FUSED_DECAY, FUSED_NO_DECAY, fuse_block_parameters, to_block_names
 from mae_st.engine.optim import build_param_groups, weight_decay_rule
-from mae_st.models import create_model
+from mae_st.engine.zero import byte_alignment, gathered_weight_offsets, linear_weight_names, order_for_aligned_views
+from mae_st.models import build_model, create_model
+from mae_st.models.layers import PACK_ALIGN, Block, PackedBlock, block_decayed_names
 
 TINY_MAE = dict(img_size=32, num_frames=4, pred_t_dim=4, decoder_embed_dim=32, decoder_depth=1,
                 decoder_num_heads=4)
@@ -42,8 +46,8 @@ def test_packed_blocks_compute_the_same_loss_and_gradients(family):
                              grad_checkpointing=True)
     packed = packed_copy(model)
     block = packed.blocks[0]
-    assert [name for name, _ in block.named_parameters()] == [FUSED_DECAY, FUSED_NO_DECAY]
-    assert block.attn.q.weight is None  # views exist only during a call
+    assert isinstance(block, PackedBlock)
+    assert [name for name, _ in block.named_parameters()] == [FUSED_DECAY, FUSED_NO_DECAY]  # nothing else owns any
 
     clips = torch.randn(2, 3, 4, 32, 32)
     losses = []
@@ -54,43 +58,118 @@ def test_packed_blocks_compute_the_same_loss_and_gradients(family):
         loss.backward()
         losses.append(loss.item())
     assert losses[0] == losses[1]
-    expected, got = grads_by_name(model), unfuse_state_dict(packed, grads_by_name(packed))
+    expected, got = grads_by_name(model), to_block_names(packed, grads_by_name(packed))
     assert set(got) == set(expected)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_unfused_state_dict_has_the_usual_names_and_values():
-    model = create_model("mae_vit_tiny_patch8", **TINY_MAE)
+@pytest.mark.parametrize("name, kwargs", [("mae_vit_tiny_patch8", TINY_MAE),
+                                          ("vit_tiny_patch8", dict(img_size=32, num_frames=4, no_qkv_bias=True))])
+def test_state_dict_in_and_out_under_the_usual_names(name, kwargs):
+    model = create_model(name, **kwargs)
     packed = packed_copy(model)
-    assert any(FUSED_DECAY in name for name in packed.state_dict())
-    restored = unfuse_state_dict(packed, packed.state_dict())
-    original = model.state_dict()
-    assert set(restored) == set(original)
-    assert all(torch.equal(restored[name], original[name]) for name in original)
-    create_model("mae_vit_tiny_patch8", **TINY_MAE).load_state_dict(restored)
+    original, saved = model.state_dict(), packed.state_dict()
+    assert list(saved) == list(original)  # same names, same order
+    assert all(torch.equal(saved[key], original[key]) for key in original)
+    create_model(name, **kwargs).load_state_dict(saved)  # a plain model loads it, strictly
+
+    other = packed_copy(create_model(name, **kwargs))  # other random weights, packed
+    other.load_state_dict(original)
+    assert all(torch.equal(value, original[key]) for key, value in other.state_dict().items())
+
+
+@pytest.mark.parametrize("bias_wd, align", [(False, PACK_ALIGN), (True, PACK_ALIGN), (False, 1)])
+def test_a_plain_model_loads_the_flat_tensors_of_a_deepspeed_checkpoint(bias_wd, align):
+    """zero_to_fp32 consolidates a DeepSpeed checkpoint under the engine's parameter names, the flat tensors;
+    tools/visualize.py loads that into a plain model. align=1: checkpoints written before views were aligned."""
+    model = create_model("mae_vit_tiny_patch8", **TINY_MAE)
+    packed = copy.deepcopy(model)
+    for stack in (packed.blocks, packed.decoder_blocks):
+        for i, block in enumerate(stack):
+            shapes = {key: tuple(p.shape) for key, p in block.named_parameters()}
+            stack[i] = PackedBlock(block, block_decayed_names(shapes, bias_wd), align)
+    consolidated = {**{k: p.detach() for k, p in packed.named_parameters()}, **dict(packed.named_buffers())}
+    assert "blocks.0.fused_decay" in consolidated
+    plain = create_model("mae_vit_tiny_patch8", **TINY_MAE)
+    plain.load_state_dict(consolidated)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in plain.state_dict().items())
+
+    consolidated["blocks.0.fused_decay"] = consolidated["blocks.0.fused_decay"][:-1]
+    with pytest.raises(RuntimeError, match="blocks.0.: packed tensors of .* fit no packing"):
+        create_model("mae_vit_tiny_patch8", **TINY_MAE).load_state_dict(consolidated)
+
+
+def test_views_start_aligned_and_padding_stays_zero():
+    model = create_model("mae_vit_tiny_patch8", **TINY_MAE)  # 64- and 32-wide: biases and norms need padding
+    packed = packed_copy(model)
+    block = packed.blocks[0]
+    for flat, slots in block.layout.slots.items():
+        assert getattr(block, flat).numel() % PACK_ALIGN == 0
+        assert all(slot.offset % PACK_ALIGN == 0 for slot in slots)
+    padding = torch.ones(block.fused_no_decay.numel(), dtype=torch.bool)
+    for slot in block.layout.slots[FUSED_NO_DECAY]:
+        padding[slot.offset:slot.offset + slot.numel] = False
+    assert padding.any()
+    packed(torch.randn(2, 3, 4, 32, 32))[0].backward()
+    assert torch.all(block.fused_no_decay.detach()[padding] == 0) and torch.all(block.fused_no_decay.grad[padding] == 0)
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_single_gpu_zero3_views_of_vit_h_start_256_byte_aligned(mode):
+    """The layout DeepSpeed gives parameters on one rank (mae_st.engine.zero.gathered_weight_offsets; the same
+    computation is checked against a real ZeRO-3 engine in tests/test_engine.py) puts every GEMM weight of ViT-H/14
+    on a 256-byte boundary once packed and ordered; before, the MAE's were 8-byte aligned."""
+    name = "mae_vit_huge_patch14" if mode == "pretrain" else "vit_huge_patch14"
+    cfg = ModelConfig(name=name, num_classes=400)
+    with torch.device("meta"):
+        model = build_model(cfg, 224, 16)
+
+    def alignments(m, align_views: bool):
+        groups = build_param_groups(m, 0.05, layer_decay=0.75 if mode == "finetune" else 1.0)
+        if align_views:
+            order_for_aligned_views(groups)
+        offsets = gathered_weight_offsets(m, groups, world_size=1)
+        return {key: byte_alignment(offsets[key]) for key in linear_weight_names(m)}
+
+    before = alignments(model, align_views=False)
+    packed = copy.deepcopy(model)
+    fuse_block_parameters(packed, weight_decay_rule(packed))
+    after = alignments(packed, align_views=True)
+    # each block's q, k, v, proj, fc1, fc2, then decoder_embed and decoder_pred, or the head
+    linear_layers = 6 * 36 + 2 if mode == "pretrain" else 6 * 32 + 1
+    assert set(after) == set(before) and len(after) == linear_layers
+    assert all(alignment == 256 for alignment in after.values()), {k: v for k, v in after.items() if v < 256}
+    if mode == "pretrain":
+        assert before["blocks.0.attn.q.weight"] == 8
 
 
 def test_packed_blocks_keep_weight_decay_and_layer_decay_per_element():
     model = create_model("vit_tiny_patch8", img_size=32, num_frames=4, num_classes=5)
 
-    def elements(groups):  # (weight decay, lr scale) -> parameter elements
-        totals = {}
-        for group in groups:
-            key = (group["weight_decay"], group["lr_scale"])
-            totals[key] = totals.get(key, 0) + sum(p.numel() for p in group["params"])
-        return totals
+    def settings(m, bias_wd: bool):  # Block-named parameter -> (weight decay, lr scale) of the group optimising it
+        names = {id(p): key for key, p in m.named_parameters()}
+        found = {}
+        for group in build_param_groups(m, 0.05, layer_decay=0.75, bias_wd=bias_wd):
+            for param in group["params"]:
+                key = names[id(param)]
+                prefix, _, flat = key.rpartition(".")
+                owner = m.get_submodule(prefix) if prefix else m
+                held = ([f"{prefix}.{slot.name}" for slot in owner.layout.slots[flat]]
+                        if isinstance(owner, PackedBlock) else [key])  # every element of a flat tensor: its group's
+                found.update({name: (group["weight_decay"], group["lr_scale"]) for name in held})
+        return found
 
     for bias_wd in (False, True):  # packing sorts by the optimizer's rule, so it takes the same bias_wd
-        packed = packed_copy(model, bias_wd)
-        plain = build_param_groups(model, 0.05, layer_decay=0.75, bias_wd=bias_wd)
-        fused = build_param_groups(packed, 0.05, layer_decay=0.75, bias_wd=bias_wd)
-        assert elements(fused) == elements(plain)
+        plain = settings(model, bias_wd)
+        assert settings(packed_copy(model, bias_wd), bias_wd) == plain
+        assert len(plain) == len(dict(model.named_parameters()))
 
 
 def write_checkpoint_config(folder, cfg: JobConfig):
     folder.mkdir(parents=True)
-    (folder / COMPLETE_MARKER).write_text(json.dumps({"global_step": 4, "config": dataclasses.asdict(cfg)}))
+    (folder / COMPLETE_MARKER).write_text(json.dumps({"global_step": 4, "config": dataclasses.asdict(cfg),
+                                                      PARAM_LAYOUT_KEY: PARAM_LAYOUT}))
 
 
 def test_resume_refuses_a_checkpoint_of_another_layout(tmp_path):
@@ -116,4 +195,7 @@ def test_resume_refuses_a_checkpoint_of_another_layout(tmp_path):
     (tmp_path / "older").mkdir()
     (tmp_path / "older" / COMPLETE_MARKER).write_text(json.dumps({"config": saved}))
     with pytest.raises(ConfigError, match="--fuse_block_params False"):
+        check_resume_layout(tmp_path / "older", cfg)
+    # and its parameters were in the order before aligned views
+    with pytest.raises(ConfigError, match=f"parameter layout 1 .checkpoint. vs {PARAM_LAYOUT} .now"):
         check_resume_layout(tmp_path / "older", cfg)

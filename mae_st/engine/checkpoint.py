@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from mae_st.config import ConfigError, JobConfig
 from mae_st.engine.distributed import barrier
-from mae_st.engine.fused_params import unfuse_state_dict
+from mae_st.models.layers import to_block_names
 from mae_st.models.registry import model_family
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,11 @@ _LAYOUT = {
             "model.pred_t_dim": None},
     "classifier": {"model.num_classes": None, "model.global_pool": None},
 }
+# How the engine lays parameters out beyond what the settings say, written into COMPLETE_MARKER: 2 (2026-12) pads
+# packed blocks' views to PACK_ALIGN and orders the optimizer's parameters for aligned ZeRO-3 views
+# (mae_st.engine.zero.order_for_aligned_views), so DeepSpeed's flat optimizer state of layout 1 does not fit.
+PARAM_LAYOUT = 2
+PARAM_LAYOUT_KEY = "param_layout"
 
 
 def checkpoint_root(output_dir: str) -> Path:
@@ -78,7 +83,8 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[Tuple[Path, str]]:
 def check_resume_layout(folder: Path, cfg: JobConfig) -> None:
     """Refuses, naming every difference, a checkpoint whose saved config gives the model other parameters than
     `cfg` does (DeepSpeed itself would fail deep inside its partitioned state, or load a wrong layout)."""
-    saved = json.loads((folder / COMPLETE_MARKER).read_text()).get("config")
+    marker = json.loads((folder / COMPLETE_MARKER).read_text())
+    saved = marker.get("config")
     if not saved:
         return
     now = dataclasses.asdict(cfg)
@@ -90,6 +96,10 @@ def check_resume_layout(folder: Path, cfg: JobConfig) -> None:
         if then is not None and then != now[section][name]:
             flag = "--model" if key == "model.name" else f"--{name}"
             differences.append(f"{flag} {then} (checkpoint) vs {now[section][name]} (now)")
+    layout = marker.get(PARAM_LAYOUT_KEY, 1)
+    if layout != PARAM_LAYOUT:
+        differences.append(f"parameter layout {layout} (checkpoint) vs {PARAM_LAYOUT} (now; the engine's "
+                           "parameter order changed, export the checkpoint's weights with the code that wrote it)")
     if differences:
         raise ConfigError(f"{folder} holds another model layout: {'; '.join(differences)}. Resume with the "
                           f"checkpoint's settings, or start a new --output_dir")
@@ -102,7 +112,7 @@ def save_checkpoint(engine, output_dir: str, global_step: int, client_state: Dic
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     barrier()
     if is_main:
-        _write_json_atomically(root / tag / COMPLETE_MARKER, client_state)
+        _write_json_atomically(root / tag / COMPLETE_MARKER, {**client_state, PARAM_LAYOUT_KEY: PARAM_LAYOUT})
         _prune(root, keep)
     barrier()
     log.info("saved checkpoint %s", root / tag)
@@ -120,14 +130,15 @@ def load_checkpoint(engine, root: Path, tag: str) -> Dict[str, Any]:
 
 def consolidated_fp32_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Full fp32 weights on the CPU, gathered from ZeRO partitions / fp32 master copies (collective: call on
-    every rank; only rank 0 needs the result, but every rank gets it)."""
+    every rank; only rank 0 needs the result, but every rank gets it). Packed blocks' flat tensors come back under
+    the Block's names, as the model's own state_dict() gives them."""
     state: Dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
         full = safe_get_full_fp32_param(param)  # the optimizer's fp32 master copy under ZeRO / bf16
         state[name] = (full if full is not None else param.detach()).float().cpu().clone()
     for name, buffer in model.named_buffers():
         state[name] = buffer.detach().float().cpu().clone()
-    return unfuse_state_dict(model, state)
+    return to_block_names(model, state)
 
 
 def export_weights(model: nn.Module, path: Path, is_main: bool, metadata: Dict[str, str]) -> None:

@@ -1,13 +1,14 @@
-"""ZeRO-3 set-up that DeepSpeed's JSON cannot express."""
+"""ZeRO set-up that DeepSpeed's JSON cannot express: block-stack leaves and an aligned parameter layout."""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List, Sequence
 
+import torch
 import torch.nn as nn
 from deepspeed.utils import set_z3_leaf_modules
 
-from mae_st.models.layers import BlockStack
+from mae_st.models.layers import PACK_ALIGN, BlockStack, PackedBlock
 
 
 def gather_block_stacks_under_zero3(model: nn.Module, ds_config: Dict[str, Any]) -> None:
@@ -23,3 +24,69 @@ def gather_block_stacks_under_zero3(model: nn.Module, ds_config: Dict[str, Any])
     """
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         set_z3_leaf_modules(model, [BlockStack])
+
+
+def _aligned(numel: int) -> bool:
+    return numel % PACK_ALIGN == 0
+
+
+def order_for_aligned_views(param_groups: List[Dict[str, Any]]) -> None:
+    """Reorders `param_groups` (an optimizer's, before its first step) in place so that every weight DeepSpeed
+    hands to F.linear starts at a multiple of PACK_ALIGN elements (256 bytes in bf16).
+
+    Why: on one GPU, ZeRO-3 does not gather; its handles set each parameter to a view of its partition, and
+    the partitions of all parameters sit back to back in one flat buffer, in optimizer-group order
+    (deepspeed/runtime/zero/stage3.py `_create_fp16_partitions_with_defragmentation`, partition_parameters.py
+    `NoGatherHandle`). One odd-sized tensor early in that order (the MAE's decoder_pred.bias, 588 elements for
+    ViT-H/14) moves every later weight off 16-byte alignment, which cuBLAS's Hopper kernels need. So groups whose
+    total is a multiple of PACK_ALIGN go first and, inside each group, tensors whose size is; packed blocks' flat
+    tensors are padded to a multiple (mae_st.models.layers.PackedBlock). The math and the groups' settings do not
+    change; only the order in which DeepSpeed flattens them does.
+    """
+    for group in param_groups:
+        group["params"].sort(key=lambda p: not _aligned(p.numel()))  # stable: aligned ones first, order kept
+    param_groups.sort(key=lambda g: not _aligned(sum(p.numel() for p in g["params"])))
+
+
+def gathered_weight_offsets(model: nn.Module, param_groups: Sequence[Dict[str, Any]],
+                            world_size: int) -> Dict[str, int]:
+    """Element offset, from the start of the storage it lives in, of every parameter (under its Block name for
+    packed blocks) at the moment ZeRO-3 hands it to a layer.
+
+    One rank: the parameter is a view of its partition inside the flat buffer of all partitions (see
+    `order_for_aligned_views`), so offsets accumulate over the groups' parameters. Several ranks: each gathered
+    parameter is a fresh tensor (partition_parameters.py AllGatherCoalescedHandle concatenates the ranks' pieces
+    per parameter), so its offset is 0. Packed blocks add each view's offset inside its flat tensor.
+    """
+    names = {id(p): name for name, p in model.named_parameters()}
+    offsets: Dict[str, int] = {}
+    cursor = 0
+    for group in param_groups:
+        for param in group["params"]:
+            offsets[names[id(param)]] = cursor if world_size == 1 else 0
+            cursor += -(-param.numel() // world_size)  # the partition's size: ceil(numel / world size)
+    for name, module in model.named_modules():
+        if isinstance(module, PackedBlock):
+            for flat, slots in module.layout.slots.items():
+                start = offsets.pop(f"{name}.{flat}")
+                offsets.update({f"{name}.{slot.name}": start + slot.offset for slot in slots})
+    return offsets
+
+
+def linear_weight_names(model: nn.Module) -> List[str]:
+    """State-dict names of the weights F.linear multiplies by (every Linear's, packed blocks' included)."""
+    names = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, module in model.named_modules():
+        if isinstance(module, PackedBlock):
+            names += [f"{name}.{slot.name}" for slots in module.layout.slots.values() for slot in slots
+                      if slot.name.endswith(".weight") and len(slot.shape) == 2]
+    return names
+
+
+def byte_alignment(offset_elements: int, dtype: torch.dtype = torch.bfloat16, cap: int = 256) -> int:
+    """The largest power of two up to `cap` dividing the byte offset (a fresh allocation is at least 512-aligned)."""
+    offset = offset_elements * torch.empty((), dtype=dtype).element_size()
+    alignment = 1
+    while alignment < cap and offset % (2 * alignment) == 0:
+        alignment *= 2
+    return alignment

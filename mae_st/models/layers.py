@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -75,15 +75,19 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        n, length, dim = x.shape
-        return x.view(n, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, length, dim = x.shape
-        out = F.scaled_dot_product_attention(self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x)))
-        out = out.transpose(1, 2).reshape(n, length, dim)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(self.proj(attend(self.q(x), self.k(x), self.v(x), self.num_heads)))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Scaled dot-product attention of (N, L, D) projections over `num_heads` heads, back to (N, L, D)."""
+    n, length, dim = q.shape
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(n, length, num_heads, dim // num_heads).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+    return out.transpose(1, 2).reshape(n, length, dim)
 
 
 class Block(nn.Module):
@@ -104,6 +108,8 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        # a DeepSpeed checkpoint of a packed model (zero_to_fp32) names the flat tensors: accept those too
+        self.register_load_state_dict_pre_hook(_unpack_flat_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -143,6 +149,213 @@ def linear_drop_path_rates(drop_path_rate: float, depth: int) -> List[float]:
     if depth <= 1:
         return [0.0] * depth
     return [drop_path_rate * i / (depth - 1) for i in range(depth)]
+
+
+# ---- packed blocks ----------------------------------------------------------------------------------------------
+# DeepSpeed does Python work per parameter tensor every step (gradient hooks, ZeRO-3's partition and gradient
+# bookkeeping, the bf16 optimizer's master copies), and at MAE-ST's few visible tokens that work, not the math, sets
+# the step time (docs/performance.md). A Block has 16 parameter tensors; a PackedBlock holds the same values in two
+# flat ones, one weight-decayed and one not (ViT-H MAE: 595 tensors -> 91), computes the Block's math on views into
+# them, and reads and writes its state dict under the Block's names (`blocks.0.attn.q.weight`), so exports, resumes
+# and loaders see an ordinary model.
+
+FUSED_DECAY = "fused_decay"  # the flat parameters' names on a PackedBlock
+FUSED_NO_DECAY = "fused_no_decay"
+# Each view starts a multiple of PACK_ALIGN elements into its flat tensor (256 bytes in bf16) and each flat tensor's
+# length is one too, so whatever DeepSpeed lays out after it in a shared buffer starts aligned as well. cuBLAS's
+# Hopper GEMM kernels read operands through TMA, which needs 16-byte aligned addresses; a view at an odd offset sends
+# the GEMM to an older, slower kernel (benchmarks/gemm_alignment.py measures it).
+PACK_ALIGN = 128
+
+
+def aligned_numel(numel: int, align: int = PACK_ALIGN) -> int:
+    """`numel` rounded up to a multiple of `align`."""
+    return -(-numel // align) * align
+
+
+@dataclass(frozen=True)
+class PackedSlot:
+    """One parameter of a block inside a flat tensor."""
+
+    name: str  # relative to the block, e.g. "attn.q.weight"
+    shape: Tuple[int, ...]
+    offset: int  # its first element in the flat tensor
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class PackLayout:
+    """Which flat tensor holds each parameter of a block, and where. The slots of a flat tensor follow the block's
+    parameter order, each at a multiple of `align` elements; the gaps are zeros that never get a gradient."""
+
+    slots: Dict[str, Tuple[PackedSlot, ...]]  # flat tensor name -> its slots
+    order: Tuple[str, ...]  # the block's parameter names in their own order
+    align: int = PACK_ALIGN
+
+    @classmethod
+    def of(cls, shapes: Dict[str, Tuple[int, ...]], decayed: Set[str], align: int = PACK_ALIGN) -> "PackLayout":
+        groups: Dict[str, List[PackedSlot]] = {FUSED_DECAY: [], FUSED_NO_DECAY: []}
+        for name, shape in shapes.items():
+            group = groups[FUSED_DECAY if name in decayed else FUSED_NO_DECAY]
+            offset = group[-1].offset + aligned_numel(group[-1].numel, align) if group else 0
+            group.append(PackedSlot(name, tuple(shape), offset))
+        return cls({flat: tuple(g) for flat, g in groups.items() if g}, tuple(shapes), align)
+
+    def numel(self, flat: str) -> int:
+        last = self.slots[flat][-1]
+        return last.offset + aligned_numel(last.numel, self.align)
+
+    def split_plan(self, flat: str) -> Tuple[List[int], List[Tuple[int, PackedSlot]]]:
+        """(sizes for one `split` of the flat tensor, (piece index, slot) of each slot): slots and gaps alternate."""
+        sizes, pieces, end = [], [], 0
+        for slot in self.slots[flat]:
+            if slot.offset > end:
+                sizes.append(slot.offset - end)
+            pieces.append((len(sizes), slot))
+            sizes.append(slot.numel)
+            end = slot.offset + slot.numel
+        if self.numel(flat) > end:
+            sizes.append(self.numel(flat) - end)
+        return sizes, pieces
+
+    def unpack(self, flats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Copies of the parameters in `flats` (flat name -> tensor), under their names, in the block's order. A
+        flat tensor with no elements (a ZeRO-3 partition not gathered) gives empty tensors."""
+        found: Dict[str, torch.Tensor] = {}
+        for flat, tensor in flats.items():
+            if tensor.numel() == 0:
+                found.update({slot.name: tensor.new_empty(0) for slot in self.slots[flat]})
+                continue
+            if tensor.numel() != self.numel(flat):
+                raise ValueError(f"{flat}: {tensor.numel()} elements where this block packs {self.numel(flat)}")
+            sizes, pieces = self.split_plan(flat)
+            parts = tensor.reshape(-1).split(sizes)
+            found.update({slot.name: parts[index].reshape(slot.shape).clone() for index, slot in pieces})
+        return {name: found[name] for name in self.order if name in found}
+
+    def pack(self, flat: str, values: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The flat tensor holding `values` (name -> tensor of the slot's shape), zeros in the gaps; empty when every
+        value is (ZeRO-3's module state dict of partitioned parameters)."""
+        first = next(iter(values.values()))
+        if all(value.numel() == 0 for value in values.values()):
+            return first.new_empty(0)
+        out = torch.zeros(self.numel(flat), dtype=first.dtype, device=first.device)
+        for slot in self.slots[flat]:
+            out.narrow(0, slot.offset, slot.numel).copy_(values[slot.name].reshape(-1))
+        return out
+
+
+def block_decayed_names(shapes: Dict[str, Tuple[int, ...]], bias_wd: bool) -> Set[str]:
+    """The parameters of a block that mae_st.engine.optim.weight_decay_rule decays: matrices, and biases with
+    bias_wd (a block holds none of the model's no_weight_decay() names). For reading flat tensors back without the
+    run's config; packing itself takes the optimizer's rule."""
+    return {name for name, shape in shapes.items() if len(shape) > 1 or (bias_wd and name.endswith(".bias"))}
+
+
+class PackedBlock(nn.Module):
+    """A Block whose parameters live in two flat tensors (see above): the same math, the Block's state-dict names.
+
+    Built from a Block (values copied) and the set of its parameter names to decay. Forward splits each flat tensor
+    once (its backward is a single concatenation of the gradients) and runs the Block's layers as functions of the
+    views, so nothing is rebound between calls and ZeRO-3's gathered flat tensors are the only storage used.
+    """
+
+    def __init__(self, block: Block, decayed: Set[str], align: int = PACK_ALIGN):
+        super().__init__()
+        norms_ok = all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None
+                       for n in (block.norm1, block.norm2))
+        if not norms_ok or not isinstance(block.mlp.norm, nn.Identity):
+            raise ValueError("PackedBlock computes Blocks with affine LayerNorms and timm's Mlp without a norm layer")
+        params = dict(block.named_parameters())
+        self.layout = PackLayout.of({name: tuple(p.shape) for name, p in params.items()}, decayed, align)
+        self.norm_shape, self.eps = tuple(block.norm1.normalized_shape), (block.norm1.eps, block.norm2.eps)
+        self.num_heads = block.attn.num_heads
+        self.drop_path, self.proj_drop = block.drop_path, block.attn.proj_drop  # modules without parameters
+        self.act, self.drop1, self.drop2 = block.mlp.act, block.mlp.drop1, block.mlp.drop2
+        for flat, slots in self.layout.slots.items():
+            values = {slot.name: params[slot.name].detach() for slot in slots}
+            self.register_parameter(flat, nn.Parameter(self.layout.pack(flat, values)))
+        self._plans = {flat: self.layout.split_plan(flat) for flat in self.layout.slots}
+        self.register_state_dict_post_hook(_state_dict_under_block_names)
+        self.register_load_state_dict_pre_hook(_pack_block_names)
+
+    def weights(self) -> Dict[str, torch.Tensor]:
+        """The Block's parameters as views into the flat tensors, by name."""
+        views = {}
+        for flat, (sizes, pieces) in self._plans.items():
+            parts = getattr(self, flat).split(sizes)
+            for index, slot in pieces:
+                views[slot.name] = parts[index].view(slot.shape)
+        return views
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weights()
+        h = F.layer_norm(x, self.norm_shape, w["norm1.weight"], w["norm1.bias"], self.eps[0])
+        h = attend(F.linear(h, w["attn.q.weight"], w.get("attn.q.bias")), F.linear(h, w["attn.k.weight"],
+                   w.get("attn.k.bias")), F.linear(h, w["attn.v.weight"], w.get("attn.v.bias")), self.num_heads)
+        x = x + self.drop_path(self.proj_drop(F.linear(h, w["attn.proj.weight"], w["attn.proj.bias"])))
+        h = F.layer_norm(x, self.norm_shape, w["norm2.weight"], w["norm2.bias"], self.eps[1])
+        h = self.drop1(self.act(F.linear(h, w["mlp.fc1.weight"], w["mlp.fc1.bias"])))
+        return x + self.drop_path(self.drop2(F.linear(h, w["mlp.fc2.weight"], w["mlp.fc2.bias"])))
+
+
+def _state_dict_under_block_names(module: PackedBlock, state_dict, prefix: str, local_metadata) -> None:
+    flats = {flat: state_dict.pop(prefix + flat) for flat in module.layout.slots if prefix + flat in state_dict}
+    state_dict.update({prefix + name: value for name, value in module.layout.unpack(flats).items()})
+
+
+def _pack_block_names(module: PackedBlock, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs) -> None:
+    """Block names -> flat tensors. A state dict that holds the flat tensors themselves loads as it is; one that
+    lacks some names is left alone, so load_state_dict reports what is missing and unexpected."""
+    for flat, slots in module.layout.slots.items():
+        keys = [prefix + slot.name for slot in slots]
+        if prefix + flat in state_dict or not all(key in state_dict for key in keys):
+            continue
+        wrong = [f"size mismatch for {prefix}{slot.name}: copying a param with shape {tuple(state_dict[key].shape)} "
+                 f"from checkpoint, the shape in current model is {slot.shape}."
+                 for slot, key in zip(slots, keys) if state_dict[key].numel() and state_dict[key].shape != slot.shape]
+        if wrong:
+            error_msgs.extend(wrong)
+            continue
+        state_dict[prefix + flat] = module.layout.pack(flat, {slot.name: state_dict.pop(key)
+                                                               for slot, key in zip(slots, keys)})
+
+
+def _unpack_flat_keys(module: Block, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs) -> None:
+    """Flat tensors of a packed block (e.g. in a DeepSpeed checkpoint consolidated by zero_to_fp32) -> this
+    Block's parameters. The layout is the one whose sizes fit: packed with or without bias_wd, aligned (since
+    2026-12) or not (checkpoints written before)."""
+    flats = {flat: state_dict[prefix + flat] for flat in (FUSED_DECAY, FUSED_NO_DECAY) if prefix + flat in state_dict}
+    if not flats:
+        return
+    shapes = {name: tuple(p.shape) for name, p in module.named_parameters()}
+    for align in (PACK_ALIGN, 1):
+        for bias_wd in (False, True):
+            layout = PackLayout.of(shapes, block_decayed_names(shapes, bias_wd), align)
+            if set(layout.slots) == set(flats) and all(layout.numel(f) == t.numel() for f, t in flats.items()):
+                for flat in flats:
+                    del state_dict[prefix + flat]
+                state_dict.update({prefix + name: value for name, value in layout.unpack(flats).items()})
+                return
+    error_msgs.append(f"{prefix}: packed tensors of {[t.numel() for t in flats.values()]} elements fit no packing of "
+                      f"this block ({sum(math.prod(s) for s in shapes.values())} parameters)")
+
+
+def to_block_names(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """`tensors` keyed by `model.named_parameters()` names (gradients, fp32 master copies, ...) with each packed
+    block's flat tensors split into the Block's parameter names, as `model.state_dict()` names them."""
+    out = dict(tensors)
+    for name, module in model.named_modules():
+        if isinstance(module, PackedBlock):
+            prefix = f"{name}." if name else ""
+            flats = {flat: out.pop(prefix + flat) for flat in module.layout.slots if prefix + flat in out}
+            out.update({prefix + key: value for key, value in module.layout.unpack(flats).items()})
+    return out
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,131 @@
+"""The engine train.py trains with, built in one place: job config + process environment -> model, DeepSpeed engine,
+input dtype, DeepSpeed config and loss function.
+
+Benchmarks build through here too (benchmarks/profile_step.py, benchmarks/bench_model.py), so a figure measured
+is the engine trained. What they vary is an `EngineOverrides`; its defaults are exactly what train.py runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
+
+import deepspeed
+import torch
+import torch.nn as nn
+from deepspeed.utils import set_z3_leaf_modules
+
+from mae_st.config import JobConfig
+from mae_st.engine.distributed import DistEnv, seed_model_init
+from mae_st.engine.ds_config import default_ds_config_path, fill_ds_config, load_ds_config, uses_bf16
+from mae_st.engine.fused_params import fuse_block_parameters
+from mae_st.engine.optim import build_optimizer, weight_decay_rule
+from mae_st.engine.trainer import LossFn, build_loss_fn
+from mae_st.engine.zero import gather_block_stacks_under_zero3, order_for_aligned_views
+from mae_st.models import build_model
+from mae_st.models.layers import Block, PackedBlock
+
+log = logging.getLogger(__name__)
+
+LEAVES = ("stack", "block", "none")
+
+
+@dataclass(frozen=True)
+class EngineOverrides:
+    """What a benchmark may change about the engine; every default is train.py's behaviour."""
+
+    zero_stage: Optional[int] = None  # None: --zero_stage or the JSON's
+    fuse_block_params: Optional[bool] = None  # None: RunConfig.fuse_block_params (--no_fuse_block_params)
+    # ZeRO-3 leaf modules, gathered whole: "stack" each block stack (train.py), "block" each transformer block,
+    # "none" DeepSpeed's own per-layer gathers
+    leaves: str = "stack"
+    torch_autocast: bool = False  # DeepSpeed's torch_autocast (fp32 weights, bf16 autocast) instead of its bf16 engine
+    memory_efficient_linear: Optional[bool] = None  # None: the JSON's (off in the shipped GPU JSONs)
+    zero: Dict[str, Any] = field(default_factory=dict)  # further zero_optimization keys (persistence, buckets, ...)
+    # parameters ordered so ZeRO-3's single-GPU views start 256-byte aligned (mae_st.engine.zero); False gives the
+    # order used before 2026-12, to measure what alignment pays
+    align_views: bool = True
+
+    def __post_init__(self) -> None:
+        if self.leaves not in LEAVES:
+            raise ValueError(f"leaves={self.leaves!r}: one of {LEAVES}")
+
+
+@dataclass
+class BuiltEngine:
+    model: nn.Module  # the module the engine wraps (engine.module)
+    engine: Any  # deepspeed.DeepSpeedEngine
+    ds_config: Dict[str, Any]
+    dtype: torch.dtype  # what the clips are fed to the engine in
+    loss_fn: LossFn  # loss_fn(engine, clips, targets) -> scalar loss, as Trainer calls it
+
+
+def effective_config(cfg: JobConfig, overrides: EngineOverrides) -> JobConfig:
+    """`cfg` with the overrides that are run settings applied (a copy; `cfg` is left as it is)."""
+    run = cfg.run
+    run = dataclasses.replace(
+        run, zero_stage=run.zero_stage if overrides.zero_stage is None else overrides.zero_stage,
+        fuse_block_params=run.fuse_block_params if overrides.fuse_block_params is None else overrides.fuse_block_params)
+    return dataclasses.replace(cfg, run=run)
+
+
+def build_ds_config(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = EngineOverrides()) -> Dict[str, Any]:
+    """The mode's shipped ZeRO-3 bf16 config (or --ds_config) completed from the flags, fp32 on the CPU, with the
+    overrides' DeepSpeed settings applied."""
+    cfg = effective_config(cfg, overrides)
+    path = cfg.run.ds_config or default_ds_config_path(cfg.run.mode)
+    ds = fill_ds_config(load_ds_config(path), cfg, env.world_size, bf16_supported=env.on_gpu,
+                        source=f"--ds_config {path}")
+    zero = ds.setdefault("zero_optimization", {})
+    zero.update(overrides.zero)
+    if overrides.memory_efficient_linear is not None:
+        zero["memory_efficient_linear"] = overrides.memory_efficient_linear
+    if overrides.torch_autocast:
+        ds["bf16"] = {"enabled": False}
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return ds
+
+
+def build_train_model(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = EngineOverrides(),
+                      load_weights: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
+    """The model as the engine gets it: seeded init on the rank's device, `load_weights` (pretrained weights)
+    applied, blocks packed unless turned off."""
+    cfg = effective_config(cfg, overrides)
+    seed_model_init(cfg.run.seed)
+    with torch.device(env.device):  # initialising ViT-H on the GPU takes seconds, on the CPU minutes
+        model = build_model(cfg.model, cfg.data.img_size, cfg.data.num_frames)
+    if load_weights is not None:
+        load_weights(model)
+    if cfg.run.fuse_block_params:
+        packed = fuse_block_parameters(model, weight_decay_rule(model, cfg.optim.bias_wd))
+        log.info("packed the parameters of %d transformer blocks into 2 tensors each", packed)
+    return model
+
+
+def build_engine(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = EngineOverrides(),
+                 load_weights: Optional[Callable[[nn.Module], None]] = None,
+                 prepare: Optional[Callable[[nn.Module], None]] = None) -> BuiltEngine:
+    """Model, optimizer and DeepSpeed engine for `cfg` on this rank. `prepare(model)` runs just before the
+    optimizer is built (benchmarks compile blocks there); train.py passes none."""
+    ds_config = build_ds_config(cfg, env, overrides)
+    dtype = torch.bfloat16 if uses_bf16(ds_config) else torch.float32
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    log.info("precision: %s%s on %s, world size %d, ZeRO stage %d", dtype,
+             " (torch_autocast bf16)" if overrides.torch_autocast else "", env.device, env.world_size, stage)
+    model = build_train_model(cfg, env, overrides, load_weights)
+    if prepare is not None:
+        prepare(model)
+    cfg = effective_config(cfg, overrides)
+    optimizer = build_optimizer(model, cfg.optim, cfg.run.mode == "finetune", env.device)
+    if overrides.align_views:
+        order_for_aligned_views(optimizer.param_groups)
+    if overrides.leaves == "stack":
+        gather_block_stacks_under_zero3(model, ds_config)
+    elif overrides.leaves == "block" and stage == 3:
+        set_z3_leaf_modules(model, [Block, PackedBlock])
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return BuiltEngine(model=engine.module, engine=engine, ds_config=ds_config, dtype=dtype,
+                       loss_fn=build_loss_fn(cfg.run.mode, cfg.data.smoothing))
+
