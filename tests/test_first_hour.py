@@ -1,21 +1,26 @@
-"""What a new user meets first: `python train.py` without a launcher, `--help`, the progress bar and a plain
-(non-editable) install, each on the real program."""
+"""What a new user meets first: `python train.py` without a launcher, `--help`, the progress bar, the demo's
+launches and a plain (non-editable) install, each on the real program."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from mae_st.config import FINETUNE_DEFAULTS, JobConfig, build_arg_parser
 from mae_st.data.packing import PackOptions, pack_videos
+from mae_st.demo.run import (FULL, NVDEC_MIN_VP9_SIDE, TRAIN_SCRIPT, decoding_note, hardware_flags,
+                             launch_command)
 from mae_st.engine.distributed import LAUNCHER_ENV
 from mae_st.engine.metrics import RunLogger
 from tests.video_factory import moving_square_frames, write_video
@@ -114,3 +119,87 @@ def test_bar_shows_loss_lr_clips_per_second_and_data_wait(tmp_path):
     logger.close()
     assert "loss=0.4" in shown and "lr=0.001" in shown and "clips/s=123.4" in shown and "data_wait=25%" in shown
     assert json.loads((tmp_path / "log.jsonl").read_text())["clips_per_s"] == 123.44
+
+
+# ---- the demo's launches ------------------------------------------------------------------------------------------
+
+def test_demo_launches_through_this_interpreter_and_says_how_it_decodes():
+    one = launch_command(["--mode", "pretrain"], gpus=1)
+    several = launch_command(["--mode", "pretrain"], gpus=4)
+    assert one[:2] == [sys.executable, str(TRAIN_SCRIPT)]
+    assert several[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"] and "--num_gpus" in several
+    assert "deepspeed" not in Path(one[0]).name and TRAIN_SCRIPT.resolve() == (ROOT / "train.py").resolve()
+    # the demo's 64 px VP9 videos are below NVDEC's minimum: a GPU machine decodes them on the CPU, and says so
+    assert FULL.video_size < NVDEC_MIN_VP9_SIDE
+    assert hardware_flags(FULL, gpus=1) == ["--decode_device", "cpu"]
+    assert "below NVDEC's 128x128 minimum" in decoding_note(FULL, gpus=1)
+    big = dataclasses.replace(FULL, video_size=NVDEC_MIN_VP9_SIDE, img_size=NVDEC_MIN_VP9_SIDE)
+    assert hardware_flags(big, gpus=1) == [] and decoding_note(big, gpus=1) == "decoding: NVDEC (GPU)"
+
+
+def test_deepspeed_launcher_as_a_module_runs_train_py_on_two_ranks(tmp_path):
+    """The demo's several-GPU command, run on 2 CPU ranks: no `deepspeed` executable is involved."""
+    out = tmp_path / "run"
+    args = ["--mode", "pretrain", "--model", "mae_vit_tiny_patch8", "--train_shards", "synthetic:8",
+            "--num_frames", "4", "--img_size", "32", "--t_patch_size", "2", "--pred_t_dim", "4",
+            "--decoder_embed_dim", "32", "--decoder_depth", "1", "--decoder_num_heads", "4", "--batch_size", "2",
+            "--epochs", "1", "--warmup_epochs", "0", "--log_interval", "1", "--output_dir", str(out)]
+    done = subprocess.run(launch_command(args, gpus=2), cwd=tmp_path, env=without_launcher_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "world size 2" in done.stdout + done.stderr
+    assert (out / "model.safetensors").is_file()
+
+
+# ---- a plain (non-editable) install ---------------------------------------------------------------------------------
+
+NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "dist", "demo_out", ".devcarry", "__pycache__",
+                                     "*.egg-info", ".pytest_cache", "output*")
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """The wheel `pip install .` would build, installed into a folder of its own (a copy of the sources builds it,
+    so the working tree gets no build/ folder)."""
+    root = tmp_path_factory.mktemp("install")
+    shutil.copytree(ROOT, root / "src", symlinks=True, ignore=NOT_SOURCES)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), "."],
+                   cwd=root / "src", check=True, capture_output=True, timeout=300)
+    wheel = next((root / "dist").glob("mae_st-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(root / "site"), str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    return root
+
+
+def test_wheel_ships_the_deepspeed_configs_and_the_demo_programs(installed):
+    wheel = next((installed / "dist").glob("mae_st-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        for json_file in sorted((ROOT / "ds_configs").glob("*.json")):
+            assert archive.read(f"mae_st/ds_configs/{json_file.name}") == json_file.read_bytes()
+        assert archive.read("mae_st/demo/scripts/train.py") == (ROOT / "train.py").read_bytes()
+        assert archive.read("mae_st/demo/scripts/visualize.py") == (ROOT / "tools/visualize.py").read_bytes()
+    assert "mae_st/ds_configs/pretrain_zero3_bf16.json" in names
+
+
+def test_installed_package_finds_its_files_from_another_folder(installed, tmp_path):
+    probe = ("import json, mae_st, mae_st.demo.run as demo\n"
+             "from mae_st.engine.ds_config import default_ds_config_path, load_ds_config\n"
+             "path = default_ds_config_path('pretrain')\n"
+             "load_ds_config(path)\n"
+             "print(json.dumps({'package': mae_st.__file__, 'ds_config': str(path),\n"
+             "                  'scripts': [str(demo.TRAIN_SCRIPT), str(demo.VISUALIZE_SCRIPT)],\n"
+             "                  'present': demo.TRAIN_SCRIPT.is_file() and demo.VISUALIZE_SCRIPT.is_file()}))\n")
+    env = {**os.environ, "PYTHONPATH": str(installed / "site")}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    site = str(installed / "site")
+    assert found["package"].startswith(site) and found["ds_config"].startswith(site), found
+    assert all(path.startswith(site) for path in found["scripts"]) and found["present"], found
+    # the shipped train.py runs from there
+    help_run = subprocess.run([sys.executable, found["scripts"][0], "--help"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert help_run.returncode == 0 and "--train_shards" in help_run.stdout, help_run.stderr[-2000:]

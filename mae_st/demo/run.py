@@ -1,13 +1,15 @@
 """The built-in demo, end to end, through the same programs a user runs:
 
-    Camera-Motion videos -> tools' packer (shards) -> `deepspeed train.py --mode pretrain` -> finetune from the
-    export, and the same classifier from scratch -> their evaluations -> tools/visualize.py reconstruction PNG.
+    Camera-Motion videos -> tools' packer (shards) -> `train.py --mode pretrain` -> finetune from the export, and
+    the same classifier from scratch -> their evaluations -> tools/visualize.py reconstruction PNG.
 
     python -m mae_st.demo --out_dir demo_out [--quick]
 
 MAE pretraining pays off when labels are few: it pretrains on every training video (labels unused) and finetunes
 on a small labelled subset, so "pretrained vs from scratch" shows what the unlabelled videos taught the encoder.
-Uses every GPU there is; without one, DeepSpeed's CPU accelerator (one rank; see `child_env`).
+Uses every GPU there is (one process on one GPU, DeepSpeed's launcher for several); without one, DeepSpeed's CPU
+accelerator in one process (see `child_env`). train.py and tools/visualize.py ship inside the package
+(mae_st/demo/scripts/, links in the repository), so the demo also runs from a plain `pip install .`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,10 +29,16 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+import mae_st
 from mae_st.data.packing import PackOptions, pack_videos
 from mae_st.demo.camera_motion import DEFAULT_CLASSES, generate_camera_motion, video_path
 
-REPO = Path(__file__).resolve().parents[2]  # train.py and tools/ live in the clone this package is installed from
+SCRIPTS = Path(__file__).resolve().parent / "scripts"  # package data: train.py and tools/visualize.py
+TRAIN_SCRIPT, VISUALIZE_SCRIPT = SCRIPTS / "train.py", SCRIPTS / "visualize.py"
+PACKAGE_PARENT = Path(mae_st.__file__).resolve().parents[1]  # the checkout, or site-packages: children import it
+# NVDEC decodes no VP9 frame smaller than 128x128 (the NVDEC programming guide's capability table; the decoder
+# reports it as CUVIDDECODECAPS.nMinWidth/nMinHeight), so smaller demo videos decode on DALI's CPU decoder
+NVDEC_MIN_VP9_SIDE = 128
 CHANCE = 1.0 / len(DEFAULT_CLASSES)
 PROGRESS_EVERY_S = 20.0
 SUMMARY_NAME = "summary.json"
@@ -153,14 +160,33 @@ def pack_all(layout: Layout, plan: DemoPlan) -> Dict[str, str]:
 def geometry_flags(plan: DemoPlan) -> List[str]:
     return ["--num_frames", str(plan.num_frames), "--sampling_rate", str(plan.sampling_rate),
             "--img_size", str(plan.img_size), "--t_patch_size", "2", "--repeat_aug", str(plan.repeat_aug),
-            "--max_steps_per_epoch", str(plan.max_steps_per_epoch), *hardware_flags()]
+            "--max_steps_per_epoch", str(plan.max_steps_per_epoch), *hardware_flags(plan, gpu_count())]
 
 
-def hardware_flags() -> List[str]:
-    if torch.cuda.is_available():
-        # demo clips are 64 px, under NVDEC's 128x128 minimum for VP9: DALI decodes them on the CPU
-        return ["--decode_device", "cpu"]
-    return ["--num_threads", "2"]
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def hardware_flags(plan: DemoPlan, gpus: int) -> List[str]:
+    if not gpus:
+        return ["--num_threads", "2"]
+    return ["--decode_device", "cpu"] if decodes_on_cpu(plan, gpus) else []
+
+
+def decodes_on_cpu(plan: DemoPlan, gpus: int) -> bool:
+    """Whether the demo's videos are decoded by DALI's CPU decoder: always without a GPU, and on a GPU machine
+    when they are smaller than NVDEC decodes (the models still train on the GPU)."""
+    return not gpus or plan.video_size < NVDEC_MIN_VP9_SIDE
+
+
+def decoding_note(plan: DemoPlan, gpus: int) -> str:
+    if not gpus:
+        return "decoding: DALI's CPU decoder (no GPU)"
+    if decodes_on_cpu(plan, gpus):
+        return (f"decoding: the demo's {plan.video_size}x{plan.video_size} VP9 videos are below NVDEC's "
+                f"{NVDEC_MIN_VP9_SIDE}x{NVDEC_MIN_VP9_SIDE} minimum, so DALI decodes them on the CPU "
+                "(--decode_device cpu); the models train on the GPU")
+    return "decoding: NVDEC (GPU)"
 
 
 def pretrain_flags(layout: Layout, plan: DemoPlan) -> List[str]:
@@ -189,18 +215,21 @@ def finetune_flags(layout: Layout, plan: DemoPlan, name: str, pretrained: Option
             *(["--finetune", str(pretrained)] if pretrained else [])]
 
 
-def launch_command(args: Sequence[str]) -> List[str]:
-    """`deepspeed [--num_gpus N] train.py ...`: every GPU, or one CPU rank (see `child_env`)."""
-    launcher = Path(sys.executable).parent / "deepspeed"
-    ranks = torch.cuda.device_count() if torch.cuda.is_available() else 1
-    return [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", str(ranks),
-            "--master_port", str(free_port()), str(REPO / "train.py"), *args]
+def launch_command(args: Sequence[str], gpus: int) -> List[str]:
+    """train.py through this interpreter: one process on one GPU or the CPU (train.py makes a world of one),
+    DeepSpeed's launcher as a module for several GPUs, so no `deepspeed` executable has to be on PATH."""
+    if gpus <= 1:
+        return [sys.executable, str(TRAIN_SCRIPT), *args]
+    from mae_st.engine.distributed import free_port  # lazy: it imports DeepSpeed
+
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus),
+            "--master_port", str(free_port()), str(TRAIN_SCRIPT), *args]
 
 
 def child_env() -> Dict[str, str]:
-    """Environment of train.py and tools/ runs: this checkout's mae_st importable, DeepSpeed's CPU setup."""
+    """Environment of train.py and tools/ runs: the mae_st this demo runs importable, DeepSpeed's CPU setup."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
     # the venv's bin goes last: DeepSpeed JIT-builds its CPU comm op with the first `ninja` on PATH (see tests)
     env["PATH"] = f"{env.get('PATH', '')}{os.pathsep}{Path(sys.executable).parent}"
     if not torch.cuda.is_available():
@@ -211,22 +240,17 @@ def child_env() -> Dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(name: str, args: Sequence[str], layout: Layout, plan_epochs: int) -> float:
     """Runs one train.py launch, its output in logs/<name>.log; prints progress from its log.jsonl."""
     log_path = layout.log(name)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    command = launch_command(args)
+    command = launch_command(args, gpu_count())
     started = time.perf_counter()
     with open(log_path, "w") as log_file:
         log_file.write(" ".join(command) + "\n\n")
         log_file.flush()
-        proc = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=layout.root, env=child_env(), stdout=log_file,
+                                stderr=subprocess.STDOUT)
         try:
             while True:
                 try:
@@ -236,12 +260,12 @@ def launch(name: str, args: Sequence[str], layout: Layout, plan_epochs: int) -> 
                     print(f"    {progress_line(layout.run(name), plan_epochs)}  "
                           f"[{time.perf_counter() - started:.0f} s]", flush=True)
         finally:
-            if proc.poll() is None:  # interrupted: the launcher stops its ranks on SIGTERM
+            if proc.poll() is None:  # interrupted: train.py (or the launcher, for its ranks) stops on SIGTERM
                 proc.terminate()
                 proc.wait()
     if proc.returncode != 0:
         tail = log_path.read_text().splitlines()[-40:]
-        raise RuntimeError(f"{name}: `deepspeed train.py` exited with {proc.returncode}; the end of {log_path}:\n"
+        raise RuntimeError(f"{name}: train.py exited with {proc.returncode}; the end of {log_path}:\n"
                            + "\n".join(tail))
     return time.perf_counter() - started
 
@@ -285,10 +309,10 @@ def finetune_result(run_dir: Path) -> Dict[str, float]:
 
 def visualize(layout: Layout) -> float:
     started = time.perf_counter()
-    command = [sys.executable, str(REPO / "tools/visualize.py"), "--checkpoint",
+    command = [sys.executable, str(VISUALIZE_SCRIPT), "--checkpoint",
                str(layout.run("pretrain") / "model.safetensors"), "--shards", str(layout.shards("val")),
                "--num_clips", "4", "--scale", "3", "--out", str(layout.reconstruction)]
-    done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True)
+    done = subprocess.run(command, cwd=layout.root, env=child_env(), capture_output=True, text=True)
     layout.log("visualize").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise RuntimeError(f"tools/visualize.py failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -300,15 +324,17 @@ def visualize(layout: Layout) -> float:
 
 def run_demo(out_dir: Path, plan: DemoPlan) -> Dict:
     """Every stage in order; returns (and writes to <out_dir>/summary.json) what the summary prints."""
-    check_checkout()
+    check_scripts()
     layout = Layout(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)  # a demo run starts clean: stale shards or checkpoints would be resumed
     out_dir.mkdir(parents=True)
     timings: Dict[str, float] = {}
     began = time.perf_counter()
-    device = f"{torch.cuda.device_count()} GPU(s)" if torch.cuda.is_available() else "CPU (1 DeepSpeed rank)"
+    gpus = gpu_count()
+    device = f"{gpus} GPU(s)" if gpus else "CPU (one process)"
     print(f"mae_st demo on {device}, writing to {out_dir}", flush=True)
+    print(decoding_note(plan, gpus), flush=True)
 
     stage(f"1/6 generating Camera-Motion: {plan.num_train} train + {plan.num_val} val videos "
           f"({plan.video_frames} frames, {plan.video_size} px, {len(DEFAULT_CLASSES)} camera-motion classes)")
@@ -380,10 +406,11 @@ def timed(action) -> float:
     return time.perf_counter() - started
 
 
-def check_checkout() -> None:
-    if not (REPO / "train.py").is_file():
-        raise SystemExit(f"mae_st.demo runs train.py and tools/ from a clone of the repository, but "
-                         f"{REPO / 'train.py'} is missing: install the clone in editable mode (pip install -e .)")
+def check_scripts() -> None:
+    missing = [str(path) for path in (TRAIN_SCRIPT, VISUALIZE_SCRIPT) if not path.is_file()]
+    if missing:
+        raise SystemExit(f"mae_st.demo runs train.py and tools/visualize.py shipped in {SCRIPTS}, but "
+                         f"{', '.join(missing)} is missing: reinstall mae_st (pip install . or pip install -e .)")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -15,7 +15,7 @@ from mae_st.config import ConfigError, JobConfig
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"  # package data; the repo's ds_configs/ links here
 DEFAULT_CONFIGS = {"pretrain": "pretrain_zero3_bf16.json", "finetune": "finetune_zero3_bf16.json"}
 
 
