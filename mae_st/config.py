@@ -67,6 +67,7 @@ class DataConfig:
     # spatial augmentation (pretraining defaults; finetuning overrides scales to (0.08, 1.0))
     jitter_scales_relative: Tuple[float, float] = (0.5, 1.0)
     jitter_aspect_relative: Tuple[float, float] = (0.75, 1.3333)
+    flip_prob: float = 0.5  # horizontal flip per training clip; 0 for direction-sensitive sets (SSv2)
     mean: Tuple[float, float, float] = (0.45, 0.45, 0.45)
     std: Tuple[float, float, float] = (0.225, 0.225, 0.225)
     # finetuning augmentation
@@ -255,6 +256,8 @@ def _add_data_flags(d) -> None:
            "as shares of the frame (min max)", nargs=2, metavar=("MIN", "MAX"))
     _value(d, "--jitter_aspect_relative", "data.jitter_aspect_relative", float, "random-resized-crop aspect-ratio "
            "range, width/height (min max)", nargs=2, metavar=("MIN", "MAX"))
+    _value(d, "--flip_prob", "data.flip_prob", float, "probability of flipping a training clip horizontally; use 0 "
+           "for direction-sensitive sets such as Something-Something v2")
     _switch(d, "rand_aug", "data.rand_aug", "RandAugment (--aa) on the training clips (finetune)")
     _value(d, "--aa", "data.aa", str, "RandAugment policy, timm syntax rand-m<magnitude>-n<ops>-... (with "
            "--rand_aug)", metavar="POLICY")
@@ -392,6 +395,8 @@ def validate_job_config(cfg: JobConfig) -> None:
                         ("--checkpoint_period", run.checkpoint_period)):
         if value < 1:
             raise ConfigError(f"{flag} {value}: must be >= 1")
+    if not 0.0 <= data.flip_prob <= 1.0:
+        raise ConfigError(f"--flip_prob {data.flip_prob}: must be in [0, 1]")
     if data.pipelines_per_gpu < 0:
         raise ConfigError(f"--pipelines_per_gpu {data.pipelines_per_gpu}: must be >= 1, or 0 for the default")
     if optim.warmup_epochs < 0 or optim.warmup_epochs > optim.epochs:
