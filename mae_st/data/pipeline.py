@@ -7,6 +7,10 @@ jpeg payload arrive as one JPEG per clip frame, already chosen by the loader (`m
 decoded (libjpeg-turbo on the DALI threads, or nvJPEG with DataConfig.jpeg_decode_device "gpu") and a clip's
 frames are stacked. Each clip then gets its own spatial augmentation, and the clips of one video are stacked:
 a pipeline sample is (clips, C, T, H, W), so a batch flattens into (B * clips, C, T, H, W) without a copy.
+
+Clips decoded outside DALI (`mae_st.data.clip_reader`: reused NVDEC sessions, or PyAV) enter through
+`fn.external_source` in `build_external_pipeline` and go through the same two augmentation functions
+(`augment_train_clips`, `augment_eval_views`) as the clips of the reader graphs.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from mae_st.data.format import META_EXT, VIDEO_EXTS
 from mae_st.data.frames import FRAMES, VIDEO, slot_names
 
 VIDEO_EXT_SET = ";".join(VIDEO_EXTS)
+EXTERNAL_INPUT = "decoded_clips"  # the external_source that `feed_external` fills
 
 
 @dataclass
@@ -69,47 +74,106 @@ class RandAugmentSpec:
 
 def build_train_pipeline(spec: ReaderSpec, cfg: DataConfig, mode: str) -> Pipeline:
     """Pretrain/finetune graph: outputs (clips (B, repeat_aug, C, T, H, W), padded JSON metadata bytes)."""
-    scales = tuple(cfg.jitter_scales_relative)  # finetune mode defaults it to the original's (0.08, 1.0)
-    rand_aug = RandAugmentSpec.parse(cfg.aa) if (mode == "finetune" and cfg.rand_aug) else None
+    rand_aug = _rand_augment_spec(cfg, mode)
 
     @pipeline_def(enable_conditionals=rand_aug is not None)
     def train_graph():
         raw_clips, meta = _read_clips(spec, cfg, cfg.repeat_aug, lambda count, _: _random_start(count, cfg))
-        clips = []
-        for clip in raw_clips:
-            if rand_aug is not None:
-                clip = rand_augment.rand_augment(clip, n=rand_aug.num_ops, m=rand_aug.magnitude,
-                                                 num_magnitude_bins=rand_aug.num_magnitude_bins)
-            clip = fn.random_resized_crop(clip, size=(cfg.img_size, cfg.img_size), random_area=scales,
-                                          random_aspect_ratio=tuple(cfg.jitter_aspect_relative),
-                                          interp_type=types.INTERP_LINEAR, antialias=False)
-            clips.append(_normalize(clip, cfg, spec.half, mirror=fn.random.coin_flip(probability=0.5)))
-        return fn.stack(*clips), _pad_meta(meta)
+        return augment_train_clips(raw_clips, cfg, rand_aug, spec.half), _pad_meta(meta)
 
     return _instantiate(train_graph, spec, cfg)
 
 
 def build_eval_pipeline(spec: ReaderSpec, cfg: DataConfig) -> Pipeline:
-    """Multi-view graph: test_num_ensemble_views uniformly spaced clips x test_num_spatial_crops crops per video.
-
-    Views are ordered temporal-major (view v = temporal v // crops, spatial v % crops), as the original's
-    test loader. Clips are short-side resized to img_size and cropped left/centre/right (top/middle/bottom
-    for portrait video) like its `uniform_crop`.
-    """
+    """Multi-view graph: test_num_ensemble_views uniformly spaced clips x test_num_spatial_crops crops per video
+    (`augment_eval_views`)."""
 
     @pipeline_def
     def eval_graph():
         raw_clips, meta = _read_clips(spec, cfg, cfg.test_num_ensemble_views,
                                       lambda count, view: _uniform_start(count, cfg, view))
-        views = []
-        for clip in raw_clips:
-            clip = fn.resize(clip, resize_shorter=cfg.img_size, interp_type=types.INTERP_LINEAR, antialias=True)
-            height, width = _frame_size(clip)
-            for s in range(cfg.test_num_spatial_crops):
-                views.append(_normalize(clip, cfg, spec.half, crop_pos=_uniform_crop_pos(height, width, s, cfg)))
-        return fn.stack(*views), _pad_meta(meta)
+        return augment_eval_views(raw_clips, cfg, spec.half), _pad_meta(meta)
 
     return _instantiate(eval_graph, spec, cfg)
+
+
+@dataclass
+class ExternalSpec:
+    """A pipeline fed decoded clips by `feed_external` instead of reading shards (`mae_st.data.clip_reader`)."""
+
+    batch_size: int
+    clips_per_sample: int  # repeat_aug (training) or test_num_ensemble_views (evaluation)
+    device_id: Optional[int]  # None: the CPU backend
+    frames_on_gpu: bool  # the fed frames are CUDA tensors (NVDEC); else host arrays, moved when device_id is set
+    seed: int
+    half: bool = False
+
+
+def build_external_pipeline(spec: ExternalSpec, cfg: DataConfig, mode: str, training: bool) -> Pipeline:
+    """The training or evaluation augmentation over clips fed from Python: each sample is one uint8 array
+    (clips_per_sample * num_frames, H, W, 3), clip-major; the output is as the reader graphs' clips output.
+    Always feed a full batch (pad, then cut the padding off the output)."""
+    rand_aug = _rand_augment_spec(cfg, mode) if training else None
+
+    @pipeline_def(enable_conditionals=rand_aug is not None)
+    def external_graph():
+        frames = fn.external_source(name=EXTERNAL_INPUT, device="gpu" if spec.frames_on_gpu else "cpu",
+                                    layout="FHWC", dtype=types.UINT8, ndim=4)
+        if spec.device_id is not None and not spec.frames_on_gpu:
+            frames = frames.gpu()  # augmentation runs on the GPU whatever decoded the frames
+        per_clip = cfg.num_frames
+        raw_clips = [fn.sequence_rearrange(frames, new_order=list(range(j * per_clip, (j + 1) * per_clip)))
+                     for j in range(spec.clips_per_sample)]
+        if training:
+            return augment_train_clips(raw_clips, cfg, rand_aug, spec.half)
+        return augment_eval_views(raw_clips, cfg, spec.half)
+
+    # the caller's threads decode ahead; a deeper DALI queue would ask for batches before they are fed
+    pipe = external_graph(batch_size=spec.batch_size, num_threads=cfg.num_threads, device_id=spec.device_id,
+                          seed=spec.seed, prefetch_queue_depth=1, exec_dynamic=True)
+    pipe.build()
+    return pipe
+
+
+def feed_external(pipe: Pipeline, samples: Sequence) -> None:
+    """Feeds one batch of (clips * T, H, W, 3) uint8 tensors/arrays (host or CUDA) to `build_external_pipeline`'s
+    graph. GPU input is copied on DALI's internal stream, which makes the call wait for the copy: the caller may
+    free or reuse its tensors as soon as this returns."""
+    pipe.feed_input(EXTERNAL_INPUT, list(samples), layout="FHWC", cuda_stream=-1)
+
+
+def augment_train_clips(raw_clips, cfg: DataConfig, rand_aug: Optional[RandAugmentSpec], half: bool):
+    """Every training graph's augmentation: per clip (uint8 FHWC), RandAugment when given, a random resized crop
+    with MAE-ST's scale/aspect ranges, a horizontal flip with probability cfg.flip_prob and normalisation; all
+    frames of a clip share one crop and one flip. Returns the clips stacked: (clips, C, T, H, W)."""
+    clips = []
+    for clip in raw_clips:
+        if rand_aug is not None:
+            clip = rand_augment.rand_augment(clip, n=rand_aug.num_ops, m=rand_aug.magnitude,
+                                             num_magnitude_bins=rand_aug.num_magnitude_bins)
+        clip = fn.random_resized_crop(clip, size=(cfg.img_size, cfg.img_size),
+                                      random_area=tuple(cfg.jitter_scales_relative),
+                                      random_aspect_ratio=tuple(cfg.jitter_aspect_relative),
+                                      interp_type=types.INTERP_LINEAR, antialias=False)
+        clips.append(_normalize(clip, cfg, half, mirror=fn.random.coin_flip(probability=cfg.flip_prob)))
+    return fn.stack(*clips)
+
+
+def augment_eval_views(raw_clips, cfg: DataConfig, half: bool):
+    """Every evaluation graph's views: each clip short-side resized to img_size and cropped left/centre/right
+    (top/middle/bottom for portrait video) like the original's `uniform_crop`, ordered temporal-major (view v =
+    temporal v // crops, spatial v % crops), as the original's test loader. Returns (views, C, T, H, W)."""
+    views = []
+    for clip in raw_clips:
+        clip = fn.resize(clip, resize_shorter=cfg.img_size, interp_type=types.INTERP_LINEAR, antialias=True)
+        height, width = _frame_size(clip)
+        for s in range(cfg.test_num_spatial_crops):
+            views.append(_normalize(clip, cfg, half, crop_pos=_uniform_crop_pos(height, width, s, cfg)))
+    return fn.stack(*views)
+
+
+def _rand_augment_spec(cfg: DataConfig, mode: str) -> Optional[RandAugmentSpec]:
+    return RandAugmentSpec.parse(cfg.aa) if (mode == "finetune" and cfg.rand_aug) else None
 
 
 def _instantiate(graph, spec: ReaderSpec, cfg: DataConfig) -> Pipeline:
