@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mae_st.config import DataConfig, JobConfig, ModelConfig
 from mae_st.demo import generate_camera_motion
@@ -123,7 +123,69 @@ def test_shards_as_input_and_config_found_above_a_checkpoint_folder(run_dir, tmp
     assert model_cfg == MODEL and data_cfg == DATA
 
 
+def test_checkpoint_folder_of_a_real_packed_run(run_dir, tmp_path):
+    """`--checkpoint <run>/checkpoints/step...` (the DeepSpeed folder form its help shows) on a folder a real
+    train.py run wrote with packed blocks: DeepSpeed consolidates it under the flat tensors' names, which a plain
+    model must load (it failed with 'Unexpected key(s) ... blocks.0.fused_decay', blaming the config)."""
+    from tests.test_train import GEOMETRY, run_training
+
+    out = tmp_path / "pretrain"
+    run_training(["--mode", "pretrain", "--model", MODEL.name, "--pred_t_dim", "4", "--decoder_embed_dim", "32",
+                  "--decoder_depth", "1", "--decoder_num_heads", "4", "--train_shards", "synthetic:8",
+                  "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "1", "--max_steps_per_epoch", "4",
+                  "--output_dir", str(out), *GEOMETRY], ranks=1)
+    folder = out / "checkpoints" / "step000000004"
+    assert folder.is_dir() and json.loads((out / "config.json").read_text())["run"]["fuse_block_params"]
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    with tarfile.open(shard_dir / "val-000000.tar", "w") as tar:
+        for i, video in enumerate(_videos(run_dir)):
+            tar.add(video, arcname=f"{i:06d}.webm")
+    png = tmp_path / "rec.png"
+    done = subprocess.run([sys.executable, str(REPO / "tools/visualize.py"), "--checkpoint", str(folder),
+                           "--shards", str(shard_dir), "--out", str(png)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert png.is_file() and f"config: {out / 'config.json'}" in done.stdout
+
+    # the folder's weights are the run's: the same values as its consolidated export
+    run_model, run_data = visualize.load_run_config(out / "config.json")
+    from_folder = visualize.load_mae(folder, run_model, run_data).state_dict()
+    exported = load_file(str(out / "model.safetensors"))
+    assert set(from_folder) == set(exported)
+    assert all(torch.equal(from_folder[key], exported[key]) for key in exported)
+
+
 def test_weights_of_another_size_are_refused_with_a_hint(run_dir):
     wrong = dataclasses.replace(MODEL, decoder_embed_dim=64)
     with pytest.raises(ValueError, match="--config"):
         visualize.load_mae(run_dir / "checkpoint.safetensors", wrong, DATA)
+
+
+def test_picture_names_its_rows_and_each_clips_source_and_frames(run_dir):
+    model = visualize.load_mae(run_dir / "checkpoint.safetensors", MODEL, DATA)
+    positions = visualize.predicted_positions(model, DATA.num_frames)
+    assert positions == PREDICTED_FRAMES
+    # a 20-frame video's centre clip of 8 frames 2 apart starts at frame 2: columns show video frames 2, 6, 10, 16
+    assert visualize.caption_for("a.webm", 20, positions, DATA).frames == [2, 6, 10, 16]
+
+    clips = torch.stack([visualize.clip_from_frames(visualize.decode_frames(v), DATA) for v in _videos(run_dir)])
+    result = visualize.reconstruct(model, clips, DATA, seed=0)
+    captions = [visualize.ClipCaption(f"video{i}.webm", [2, 6, 10, 16]) for i in range(2)]
+    labelled = np.asarray(visualize.render_grid(result, 2, captions))
+    other = np.asarray(visualize.render_grid(result, 2, [visualize.ClipCaption("x.webm", [1, 2, 3, 4])] * 2))
+    tile = DATA.img_size * 2
+    assert (labelled.shape[1], labelled.shape[0]) == visualize.grid_size(2, MODEL.pred_t_dim, tile)
+
+    left, top = visualize.tile_origin(0, 0, 0, tile)
+    bare_width = visualize.GAP + MODEL.pred_t_dim * (tile + visualize.GAP)
+    assert labelled.shape[1] > bare_width and top > visualize.GAP  # a label column and a caption band
+    for row in range(visualize.ROWS_PER_CLIP):  # each row's name is drawn left of its tiles
+        _, y = visualize.tile_origin(1, row, 0, tile)
+        assert (labelled[y : y + tile, : left - visualize.GAP] < 128).any(), row
+    caption_band = (slice(0, top), slice(0, labelled.shape[1]))
+    assert (labelled[caption_band] < 128).any()
+    assert (labelled[caption_band] != other[caption_band]).any(), "the caption text comes from the captions"
+    for clip in range(2):  # the captions never cover a tile
+        for row in range(visualize.ROWS_PER_CLIP):
+            np.testing.assert_array_equal(_tile(labelled, clip, row, 0, tile), _tile(other, clip, row, 0, tile))

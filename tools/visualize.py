@@ -1,5 +1,6 @@
 """Draws what a pretrained MAE-ST sees and reconstructs: a PNG grid with three rows per clip (original frames /
-masked input / reconstruction) and one column per reconstructed frame.
+masked input / reconstruction) and one column per reconstructed frame. The picture says so itself: each row is
+named on its left, each clip's source above its rows, and each column's frame number in the video above it.
 
     python tools/visualize.py --checkpoint out/pretrain/checkpoint.safetensors --videos a.webm b.webm --out rec.png
     python tools/visualize.py --checkpoint out/pretrain/checkpoints/step000000120 --shards shards/val --out rec.png
@@ -15,17 +16,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import io
 import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import av
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from mae_st.config import DataConfig, ModelConfig
 from mae_st.data.format import VIDEO_EXTS
@@ -37,6 +39,9 @@ GAP = 2  # white pixels between tiles
 CLIP_GAP = 8  # extra white pixels between the row groups of two clips
 MASK_GREY = 128  # fill of masked patches in the masked-input row
 ROWS_PER_CLIP = 3
+ROW_NAMES = ("original", "masked input", "reconstruction")
+TEXT_PAD = 4  # pixels around a label
+TEXT_COLOUR = (40, 40, 40)
 
 
 # ---- configuration and weights ---------------------------------------------------------------------------------
@@ -120,13 +125,17 @@ def videos_in_shards(shard_dir: Path, limit: int) -> List[Tuple[str, bytes]]:
     return found
 
 
-def clip_from_frames(frames: np.ndarray, cfg: DataConfig) -> torch.Tensor:
-    """The centre clip of num_frames frames, sampling_rate apart, short side resized and centre cropped to
-    img_size, normalised with the data mean/std as the loader does: (C, T, H, W) float32."""
+def clip_frame_indices(count: int, cfg: DataConfig) -> np.ndarray:
+    """The video frames of the centre clip of a `count`-frame video: num_frames of them, sampling_rate apart."""
     span = (cfg.num_frames - 1) * cfg.sampling_rate + 1
-    start = max(0, (len(frames) - span) // 2)
-    indices = np.minimum(start + np.arange(cfg.num_frames) * cfg.sampling_rate, len(frames) - 1)
-    crops = np.stack([_resize_and_centre_crop(frames[i], cfg.img_size) for i in indices])
+    start = max(0, (count - span) // 2)
+    return np.minimum(start + np.arange(cfg.num_frames) * cfg.sampling_rate, count - 1)
+
+
+def clip_from_frames(frames: np.ndarray, cfg: DataConfig) -> torch.Tensor:
+    """The centre clip (`clip_frame_indices`), short side resized and centre cropped to img_size, normalised
+    with the data mean/std as the loader does: (C, T, H, W) float32."""
+    crops = np.stack([_resize_and_centre_crop(frames[i], cfg.img_size) for i in clip_frame_indices(len(frames), cfg)])
     pixels = torch.from_numpy(crops).float().div(255.0)
     mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
     return ((pixels - mean) / std).permute(3, 0, 1, 2).contiguous()
@@ -183,19 +192,61 @@ def _to_pixels(frames: torch.Tensor, cfg: DataConfig) -> np.ndarray:
 # ---- the picture -----------------------------------------------------------------------------------------------
 
 
+class ClipCaption(NamedTuple):  # not a dataclass: tests load this script without registering it as a module
+    """What one clip's rows show: where the clip comes from and the video frame of each column."""
+
+    source: str
+    frames: Sequence[int]
+
+
+def predicted_positions(model: MaskedAutoencoderViT, num_frames: int) -> List[int]:
+    """Which of a clip's num_frames frames the decoder predicts (the columns), asked of the model itself."""
+    positions = torch.arange(num_frames, dtype=torch.float32).view(1, 1, num_frames, 1, 1)
+    return [int(i) for i in model.target_frames(positions).flatten()]
+
+
+def caption_for(source: str, frame_count: int, positions: Sequence[int], cfg: DataConfig) -> ClipCaption:
+    indices = clip_frame_indices(frame_count, cfg)
+    return ClipCaption(source, [int(indices[p]) for p in positions])
+
+
+@functools.lru_cache(maxsize=None)
+def _font(tile: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=max(10, min(16, tile // 8)))  # readable beside small and large tiles
+
+
+def _line_height(tile: int) -> int:
+    return _font(tile).getbbox("Ag")[3] + TEXT_PAD
+
+
+def _label_width(tile: int) -> int:
+    return int(max(_font(tile).getlength(name) for name in ROW_NAMES)) + 2 * TEXT_PAD
+
+
+def _caption_height(tile: int) -> int:
+    return 2 * _line_height(tile)  # the clip's source, then the frame numbers of the columns
+
+
+def _group_height(tile: int) -> int:
+    return _caption_height(tile) + ROWS_PER_CLIP * (tile + GAP)
+
+
 def grid_size(num_clips: int, num_columns: int, tile: int) -> Tuple[int, int]:
-    """(width, height) in pixels of the grid `render_grid` draws."""
-    rows = num_clips * ROWS_PER_CLIP
-    return GAP + num_columns * (tile + GAP), GAP + rows * (tile + GAP) + (num_clips - 1) * CLIP_GAP
+    """(width, height) in pixels of the picture `render_grid` draws, labels included."""
+    width = _label_width(tile) + GAP + num_columns * (tile + GAP)
+    return width, GAP + num_clips * _group_height(tile) + (num_clips - 1) * CLIP_GAP
 
 
 def tile_origin(clip: int, row: int, column: int, tile: int) -> Tuple[int, int]:
     """(x, y) of the top-left pixel of one tile; row 0 original, 1 masked input, 2 reconstruction."""
-    return GAP + column * (tile + GAP), GAP + (clip * ROWS_PER_CLIP + row) * (tile + GAP) + clip * CLIP_GAP
+    top = GAP + clip * (_group_height(tile) + CLIP_GAP) + _caption_height(tile)
+    return _label_width(tile) + GAP + column * (tile + GAP), top + row * (tile + GAP)
 
 
-def render_grid(result: Reconstruction, scale: int = 1) -> Image.Image:
-    """Three rows per clip (original / masked / reconstruction), one column per frame, tiles enlarged `scale`x."""
+def render_grid(result: Reconstruction, scale: int = 1,
+                captions: Optional[Sequence[ClipCaption]] = None) -> Image.Image:
+    """Three rows per clip (original / masked / reconstruction), one column per frame, tiles enlarged `scale`x,
+    with the rows named and, from `captions`, each clip's source and its columns' video frames."""
     num_clips, num_columns, height = result.original.shape[:3]
     tile = height * scale
     canvas = Image.new("RGB", grid_size(num_clips, num_columns, tile), "white")
@@ -204,7 +255,36 @@ def render_grid(result: Reconstruction, scale: int = 1) -> Image.Image:
             for column in range(num_columns):
                 image = Image.fromarray(frames[clip, column]).resize((tile, tile), Image.NEAREST)
                 canvas.paste(image, tile_origin(clip, row, column, tile))
+    draw = ImageDraw.Draw(canvas)
+    for clip in range(num_clips):
+        caption = captions[clip] if captions else ClipCaption(f"clip {clip + 1}", [])
+        _draw_labels(draw, clip, caption, num_columns, tile, canvas.width)
     return canvas
+
+
+def _draw_labels(draw: ImageDraw.ImageDraw, clip: int, caption: ClipCaption, num_columns: int, tile: int,
+                 width: int) -> None:
+    font, line = _font(tile), _line_height(tile)
+    first_x, first_y = tile_origin(clip, 0, 0, tile)
+    prefix = f"clip {clip + 1}: "
+    title = prefix + _fit(caption.source, font, width - 2 * TEXT_PAD - font.getlength(prefix))
+    draw.text((TEXT_PAD, first_y - 2 * line), title, fill=TEXT_COLOUR, font=font)
+    for column, frame in enumerate(caption.frames[:num_columns]):
+        x, _ = tile_origin(clip, 0, column, tile)
+        label = f"frame {frame}" if font.getlength(f"frame {frame}") <= tile else str(frame)
+        draw.text((x, first_y - line), label, fill=TEXT_COLOUR, font=font)
+    for row, name in enumerate(ROW_NAMES):
+        _, y = tile_origin(clip, row, 0, tile)
+        draw.text((TEXT_PAD, y + (tile - line) // 2), name, fill=TEXT_COLOUR, font=font)
+
+
+def _fit(text: str, font: ImageFont.ImageFont, room: float) -> str:
+    """`text`, its start cut off (an ellipsis instead) until it fits `room` pixels: the file name is at the end."""
+    if font.getlength(text) <= room:
+        return text
+    while len(text) > 1 and font.getlength("..." + text) > room:
+        text = text[1:]
+    return "..." + text
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
@@ -242,10 +322,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         sources = [(str(path), path) for path in args.videos[: args.num_clips]]
     else:
         sources = videos_in_shards(args.shards, args.num_clips)
-    clips = torch.stack([clip_from_frames(decode_frames(video), data_cfg) for _, video in sources])
+    decoded = [decode_frames(video) for _, video in sources]
+    clips = torch.stack([clip_from_frames(frames, data_cfg) for frames in decoded])
     result = reconstruct(model, clips, data_cfg, args.mask_ratio, args.seed)
+    positions = predicted_positions(model, data_cfg.num_frames)
+    captions = [caption_for(Path(name).name if args.videos else name, len(frames), positions, data_cfg)
+                for (name, _), frames in zip(sources, decoded)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    render_grid(result, args.scale).save(args.out)
+    render_grid(result, args.scale, captions).save(args.out)
     print(f"wrote {args.out}: {len(sources)} clips x {result.original.shape[1]} frames "
           f"(config: {config_path or 'defaults'}; clips: {', '.join(name for name, _ in sources)})")
     return args.out
