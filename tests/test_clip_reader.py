@@ -152,7 +152,8 @@ def test_training_clips_follow_seed_epoch_and_key_with_the_graph_stride(shard):
 
 def test_repeat_aug_clips_and_eval_views_decode_each_video_once(shard):
     refs = samples_of(shard)
-    for cfg, training, clips in ((tiny_config(repeat_aug=4), True, 4), (tiny_config(test_num_ensemble_views=3), False, 3)):
+    runs = ((tiny_config(repeat_aug=4), True, 4), (tiny_config(test_num_ensemble_views=3), False, 3))
+    for cfg, training, clips in runs:
         plan = ClipPlan(cfg, training=training, seed=0, epoch=0)
         with ClipReader(make_decoder, num_threads=2, ahead=4) as reader:
             results = read_all(reader, [plan.request(ref) for ref in refs])

@@ -242,7 +242,8 @@ class ClipReader:
                  max_abandoned: Optional[int] = None):
         if num_threads < 1 or ahead < 1:
             raise ValueError(f"ClipReader needs num_threads >= 1 and ahead >= 1 (got {num_threads}, {ahead})")
-        self.decoder_factory, self.num_threads, self.ahead, self.timeout_s = decoder_factory, num_threads, ahead, timeout_s
+        self.decoder_factory, self.num_threads = decoder_factory, num_threads
+        self.ahead, self.timeout_s = ahead, timeout_s
         self.scratch_dir = scratch_dir or default_scratch_dir()
         self.max_abandoned = num_threads if max_abandoned is None else max_abandoned
         self.poll_s = min(0.5, timeout_s / 4)

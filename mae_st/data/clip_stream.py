@@ -149,7 +149,7 @@ class ClipStream:
         feed_external(self.pipe, inputs)
         (clips,) = self.pipe.run()
         self.delivered += len(batch)
-        return _to_torch(clips, self.device)[: len(batch)], [sample.meta for sample in batch]
+        return dali_batch_to_torch(clips, self.device)[: len(batch)], [sample.meta for sample in batch]
 
 
 def _device_id(device: torch.device) -> int:
@@ -160,7 +160,7 @@ def _pipeline_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007) % 2**31
 
 
-def _to_torch(batch, device: torch.device) -> torch.Tensor:
+def dali_batch_to_torch(batch, device: torch.device) -> torch.Tensor:
     """A dense DALI batch as a torch tensor on `device` (copied on the current stream when on the GPU)."""
     dense = batch.as_tensor()
     on_gpu = hasattr(dense, "device_id")

@@ -72,6 +72,7 @@ class NvdecDecoder:
         self.device = torch.device("cuda", gpu_id)
         self.stream = torch.cuda.Stream(device=self.device)
         self._decoder = None
+        self.scan_metadata = False  # need_scanned_stream_metadata: only for containers without a frame count
         self.videos = 0  # decode calls (one per video)
         self.frames = 0  # distinct frames handed out by the library
         self.decoders_created = 0  # SimpleDecoder constructions: 1, plus one after every failed video
@@ -89,6 +90,8 @@ class NvdecDecoder:
 
     def _decode(self, path: str, frame_indices: Sequence[int]) -> torch.Tensor:
         decoder = self._open(path)
+        if len(decoder) < 1 and not self.scan_metadata:
+            decoder = self._scan_from_now_on(path)
         count = len(decoder)
         if count < 1:
             raise ValueError(f"{path}: the decoder reports no frames")
@@ -113,12 +116,27 @@ class NvdecDecoder:
         if self._decoder is not None:
             self._decoder.reconfigure_decoder(path)
             return self._decoder
+        try:
+            return self._create(path)
+        except Exception as err:  # noqa: BLE001 - only the missing-frame-count case is retried
+            if self.scan_metadata or "Elementary streams" not in str(err):
+                raise
+            return self._scan_from_now_on(path)  # its constructor refuses a container that reports 0 frames
+
+    def _scan_from_now_on(self, path: str):
+        """The container gave no frame count: from now on the library scans each video for it (slower)."""
+        log.warning("%s: the container header gives no frame count; PyNvVideoCodec scans every video from now on "
+                    "(need_scanned_stream_metadata)", path)
+        self.scan_metadata = True
+        return self._create(path)
+
+    def _create(self, path: str):
         nvc = self._nvc
         self._decoder = nvc.SimpleDecoder(
             path, gpu_id=self.gpu_id, cuda_context=_primary_context(self.gpu_id),
             cuda_stream=self.stream.cuda_stream, use_device_memory=True,
             max_width=self.max_size[0], max_height=self.max_size[1],
-            output_color_type=nvc.OutputColorType.RGB)
+            need_scanned_stream_metadata=self.scan_metadata, output_color_type=nvc.OutputColorType.RGB)
         self.decoders_created += 1
         return self._decoder
 
