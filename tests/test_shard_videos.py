@@ -26,6 +26,7 @@ from wds2idx import IndexCreator
 from mae_st.data.format import FAILURES_NAME, LABELS_NAME, MANIFEST_COLUMNS, MANIFEST_NAME, SUMMARY_NAME, SampleMeta
 from mae_st.data.packing import PackOptions, pack_videos
 from mae_st.data.packing.isolation import run_isolated
+from mae_st.data.packing.packer import SKIPPED_NAME
 from tests.video_factory import decode_frame_index, frame_index_frames, moving_square_frames, write_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -296,6 +297,42 @@ def test_bad_and_odd_inputs_end_in_failures_or_pack_correctly(tmp_path):
     rotated = decoded_frames(samples[rows["rotated.mp4"]["key"]]["webm"])[0].mean(axis=(1, 2))
     # stored frames have a white left third; turned 90 degrees counter-clockwise it becomes the bottom third
     assert rotated[-10:].mean() > 200 and rotated[:30].mean() < 50
+
+
+def skipped(out: Path) -> dict:
+    with open(out / SKIPPED_NAME, newline="") as f:
+        return {row["path"]: row["reason"] for row in csv.DictReader(f)}
+
+
+def test_files_that_are_not_videos_are_listed_with_a_reason_and_counted(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write_video(raw / "cat" / "clip.webm", moving_square_frames(12, 32, 32), fps=10)
+    (raw / "cat" / "notes.txt").write_text("shot on a phone\n")
+    write_audio_only(raw / "cat" / "voice.m4a")
+    (raw / "cat" / ".DS_Store").write_bytes(b"\0" * 8)
+    (raw / ".cache").mkdir()
+    (raw / ".cache" / "old.mp4").write_bytes(b"")
+    done = subprocess.run([sys.executable, str(PACKER), "--data_dirs", str(raw), "--out_dir", str(out),
+                           "--workers", "1", "--no_progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    assert "skipped 4 files that are not videos" in done.stdout.splitlines()[-1]
+    listed = {Path(path).name: reason for path, reason in skipped(out).items()}
+    assert set(listed) == {"notes.txt", "voice.m4a", ".DS_Store", ".cache"}
+    assert "(.m4a)" in listed["voice.m4a"] and "(.txt)" in listed["notes.txt"] and "not scanned" in listed[".cache"]
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    assert summary["counts"]["skipped"] == 4 and sum(summary["skipped_by_reason"].values()) == 4
+    assert [Path(r["source"]).name for r in manifest(out)] == ["clip.webm"] and not failures(out)
+    # every file under the data dir is accounted for: packed, rejected or skipped (itself or a folder above it)
+    mentioned = ({Path(r["source"]) for r in manifest(out)} | set(map(Path, failures(out)))
+                 | set(map(Path, skipped(out))))
+    for path in (p for p in raw.rglob("*") if p.is_file()):
+        assert mentioned & {path, *path.parents}, path
+
+    (raw / "cat" / "README.md").write_text("added after packing\n")
+    again = pack(out, data_dirs=[str(raw)], workers=1)
+    assert again.reused_shards == 1 and len(again.skipped) == 5
+    assert json.loads((out / SUMMARY_NAME).read_text())["counts"]["skipped"] == 5 and len(skipped(out)) == 5
 
 
 def test_hanging_file_times_out_and_costs_only_itself(tmp_path):

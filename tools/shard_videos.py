@@ -4,16 +4,19 @@
     python tools/shard_videos.py --file_list val.csv --out_dir shards/val --prefix val --short_side 320
     python tools/shard_videos.py --data_dirs footage/ --no_labels --segment_seconds 10 --out_dir shards/pretrain
 
-Inputs: video files found recursively under --data_dirs, labelled by their class folder (the first folder below
-the data dir; sorted names -> indices), or the rows `path[,label]` of --file_list (relative paths from the CSV's
+Inputs: video files found recursively under --data_dirs (by their extension: .mp4, .mkv, .webm, .mov, .avi, ...,
+SCANNED_VIDEO_EXTS in mae_st/data/packing/inputs.py), labelled by their class folder (the first folder below the
+data dir; sorted names -> indices), or the rows `path[,label]` of --file_list (relative paths from the CSV's
 folder; labels all indices or all names). --no_labels packs unlabelled footage (label -1). Pack each split into
 its own --out_dir.
 
 Output in --out_dir: <prefix>-000000.tar ... (samples shuffled with --seed; each sample is <key>.<webm|mp4|...>
-and <key>.json), <prefix>-000000.idx (DALI index), manifest.csv, labels.json, summary.json and failures.csv (every
-input that was not packed, with the reason). Every input ends in the manifest (maybe as several segments) or in
-failures.csv. Output is byte-identical for the same inputs, settings and seed; a rerun of an interrupted command
-resumes (finished files and shards are kept), and a shard only appears under its final name once complete.
+and <key>.json), <prefix>-000000.idx (DALI index), manifest.csv, labels.json, summary.json, failures.csv (every
+input that was not packed, with the reason) and skipped.csv (every other file under --data_dirs: not a video by
+its extension, hidden, or in a hidden or linked folder, with the reason). Every file ends in the manifest (maybe
+as several segments), in failures.csv or in skipped.csv, and the last line printed counts each. Output is
+byte-identical for the same inputs, settings and seed; a rerun of an interrupted command resumes (finished files
+and shards are kept), and a shard only appears under its final name once complete.
 
 Default codec VP9 (webm): the packed set decodes on the GPU (NVDEC, ~22 videos/s vs ~8-12 for H.264 on an H100
 for 300-frame 256p clips) AND on DALI's CPU decoder, which reads VP8/VP9/MJPEG only; files are also the smallest.

@@ -6,11 +6,11 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from mae_st.data.format import NO_LABEL
 
-# what a recursive scan picks up; anything else under the data dirs is not considered an input
+# what a recursive scan packs; every other file under the data dirs is reported as skipped, with the reason
 SCANNED_VIDEO_EXTS = frozenset({
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts", ".mts",
     ".m2ts", ".ogv",
@@ -27,24 +27,36 @@ class VideoInput:
     problem: str = ""
 
 
-def scan_data_dirs(data_dirs: Sequence[str], labelled: bool) -> Tuple[List[VideoInput], Dict[str, int]]:
+class Scan(NamedTuple):
+    """What a scan of the data dirs found: the inputs, the label map, and every other entry with why it is
+    not packed (path, reason), so nothing in the folders goes unmentioned."""
+
+    inputs: List[VideoInput]
+    labels: Dict[str, int]
+    skipped: List[Tuple[str, str]]
+
+
+def scan_data_dirs(data_dirs: Sequence[str], labelled: bool) -> Scan:
     """Video files under `data_dirs` (recursive, sorted) labelled by their first folder below the data dir."""
     found: List[Tuple[str, str]] = []  # (path, class name or "")
+    skipped: List[Tuple[str, str]] = []
     for data_dir in data_dirs:
         root = Path(data_dir)
         if not root.is_dir():
             raise FileNotFoundError(f"--data_dirs {data_dir}: not a folder")
-        for path in sorted(_video_files(root)):
+        videos, others = _scan_folder(root)
+        skipped += others
+        for path in videos:
             parts = path.relative_to(root).parts
             found.append((str(path), parts[0] if len(parts) > 1 else ""))
     if not labelled:
-        return [VideoInput(path) for path, _ in found], {}
+        return Scan([VideoInput(path) for path, _ in found], {}, skipped)
     labels = {name: i for i, name in enumerate(sorted({name for _, name in found if name}))}
     inputs = [VideoInput(path, labels[name], name) if name else
               VideoInput(path, problem="not inside a class folder (labels come from the first sub-folder of "
                                        "--data_dirs; pass --no_labels for unlabelled footage)")
               for path, name in found]
-    return inputs, labels
+    return Scan(inputs, labels, skipped)
 
 
 def read_file_list(file_list: str, labelled: bool) -> Tuple[List[VideoInput], Dict[str, int]]:
@@ -71,12 +83,41 @@ def mark_missing_files(inputs: Sequence[VideoInput]) -> List[VideoInput]:
             VideoInput(i.path, i.label, i.label_name, problem="file not found") for i in inputs]
 
 
-def _video_files(root: Path):
+def _scan_folder(root: Path) -> Tuple[List[Path], List[Tuple[str, str]]]:
+    """The video files under `root` (sorted), and every other file or unscanned folder with its reason."""
+    videos: List[Path] = []
+    skipped: List[Tuple[str, str]] = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in dirs:
+            reason = _unscanned_folder_reason(Path(folder) / name)
+            if reason:
+                skipped.append((str(Path(folder) / name), reason))
+        dirs[:] = [d for d in dirs if not _unscanned_folder_reason(Path(folder) / d)]
         for name in files:
-            if not name.startswith(".") and Path(name).suffix.lower() in SCANNED_VIDEO_EXTS:
-                yield Path(folder) / name
+            reason = _skipped_file_reason(name)
+            if reason:
+                skipped.append((str(Path(folder) / name), reason))
+            else:
+                videos.append(Path(folder) / name)
+    return sorted(videos), sorted(skipped)
+
+
+def _unscanned_folder_reason(path: Path) -> str:
+    if path.name.startswith("."):
+        return "hidden folder (its name starts with '.'): not scanned"
+    if path.is_symlink():  # os.walk does not follow links; say so rather than leave the folder out silently
+        return "link to a folder: not followed; pass its target in --data_dirs to pack it"
+    return ""
+
+
+def _skipped_file_reason(name: str) -> str:
+    if name.startswith("."):
+        return "hidden file (its name starts with '.')"
+    suffix = Path(name).suffix.lower()
+    if suffix not in SCANNED_VIDEO_EXTS:
+        return (f"not a video by its extension ({suffix or 'none'}); name it in --file_list to try packing it "
+                "anyway")
+    return ""
 
 
 def _csv_rows(file_list: str) -> List[List[str]]:

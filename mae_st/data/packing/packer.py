@@ -2,8 +2,8 @@
 
 Steps: find inputs -> process each in an isolated worker (probe, copy or transcode into `<out_dir>/.packing/`)
 -> plan shards (samples shuffled with the seed) -> write the shards not already complete -> manifest.csv,
-labels.json, failures.csv, summary.json. Every step's output depends only on the inputs and the settings, never
-on worker timing, so a rerun after an interruption reuses what is finished and ends byte-identical.
+labels.json, failures.csv, skipped.csv, summary.json. Every step's output depends only on the inputs and the
+settings, never on worker timing, so a rerun after an interruption reuses what is finished and ends byte-identical.
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ from mae_st.data.format import (
     FAILURES_NAME, FORMAT_VERSION, LABELS_NAME, MANIFEST_COLUMNS, MANIFEST_NAME, SUMMARY_NAME,
     SampleMeta, index_name_for, shard_name,
 )
-from mae_st.data.packing.inputs import VideoInput, mark_missing_files, read_file_list, scan_data_dirs
+from mae_st.data.packing.inputs import Scan, VideoInput, mark_missing_files, read_file_list, scan_data_dirs
 from mae_st.data.packing.isolation import run_isolated
 from mae_st.data.packing.tar_writer import BLOCK, Member, sample_members, shard_is_complete, write_shard
 from mae_st.data.packing.transcode import CODECS, COPY, JPEG, EncodeSettings
 from mae_st.data.packing.worker import WorkItem, process_input, read_result, write_result
 
 STAGING_NAME = ".packing"  # per-input results of the current run; removed once the shards are written
+SKIPPED_NAME = "skipped.csv"  # files under --data_dirs that are not inputs (not videos by extension, hidden)
 FINGERPRINT_NAME = "fingerprint.json"
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -81,13 +82,16 @@ class PackResult:
     failures: List[Tuple[str, str]]
     reused_shards: int = 0
     dry_run: bool = False
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason): files that are not inputs
 
     def summary_line(self) -> str:
         if self.dry_run:
-            return f"dry run: {self.inputs} inputs would be packed into {self.out_dir} ({self.rejected} rejected)"
+            return (f"dry run: {self.inputs} inputs would be packed into {self.out_dir} ({self.rejected} rejected, "
+                    f"{len(self.skipped)} other files skipped)")
         return (f"packed {self.samples} samples from {self.packed_videos}/{self.inputs} videos into "
                 f"{len(self.shards)} shards ({self.bytes / 1e6:.1f} MB, {self.reused_shards} reused) in "
-                f"{self.out_dir}; rejected {self.rejected} (see {FAILURES_NAME}); {self.seconds:.1f} s")
+                f"{self.out_dir}; rejected {self.rejected} (see {FAILURES_NAME}); skipped {len(self.skipped)} "
+                f"files that are not videos (see {SKIPPED_NAME}); {self.seconds:.1f} s")
 
 
 @dataclass(frozen=True)
@@ -99,17 +103,21 @@ class _Sample:
 
 
 def pack_videos(options: PackOptions) -> PackResult:
-    """Pack the videos `options` names into shards under `options.out_dir`; bad files go to failures.csv."""
+    """Pack the videos `options` names into shards under `options.out_dir`; bad files go to failures.csv, the
+    other files under the data dirs to skipped.csv."""
     started = time.perf_counter()
     _check_options(options)
-    inputs, labels = find_inputs(options)
+    inputs, labels, skipped = find_inputs(options)
     out = Path(options.out_dir)
     if options.dry_run:
-        return _dry_run(options, inputs, started)
+        return _dry_run(options, inputs, skipped, started)
     fingerprint = _fingerprint(options, inputs)
     out.mkdir(parents=True, exist_ok=True)
     finished = _finished_run(out, fingerprint, started)
     if finished is not None:
+        # skipped files change no shard, so they are not in the fingerprint: report those of this scan
+        finished.skipped = skipped
+        _refresh_skipped(out, skipped)
         return finished
     staging = _claim_staging(out, fingerprint)
     _process_inputs(inputs, options, staging)
@@ -118,29 +126,31 @@ def pack_videos(options: PackOptions) -> PackResult:
     plan = plan_shards(samples, options)
     shard_paths, reused = _write_shards(plan, out, options)
     _write_reports(out, options, labels, plan, failures)
+    _write_skipped(out, skipped)
     result = PackResult(out_dir=str(out), inputs=len(inputs), packed_videos=len({s.meta.source for s in samples}),
                         samples=len(samples), rejected=len(failures), shards=shard_paths,
                         bytes=sum(os.path.getsize(p) for p in shard_paths), seconds=time.perf_counter() - started,
-                        failures=failures, reused_shards=reused)
+                        failures=failures, reused_shards=reused, skipped=skipped)
     _write_summary(out, options, fingerprint, result, plan, process_s=processed - started)
     if not options.keep_staging:
         shutil.rmtree(staging)
     return result
 
 
-def find_inputs(options: PackOptions) -> Tuple[List[VideoInput], Dict[str, int]]:
-    """The inputs in a fixed order (data dirs scanned, then the file list) and the label name -> index map."""
+def find_inputs(options: PackOptions) -> Scan:
+    """The inputs in a fixed order (data dirs scanned, then the file list), the label name -> index map and the
+    files under the data dirs that are not inputs, with why."""
     labelled = not options.no_labels
-    inputs: List[VideoInput] = []
-    labels: Dict[str, int] = {}
+    scan = Scan([], {}, [])
     if options.data_dirs:
-        inputs, labels = scan_data_dirs(options.data_dirs, labelled)
+        scan = scan_data_dirs(options.data_dirs, labelled)
+    inputs, labels = scan.inputs, scan.labels
     if options.file_list:
         listed, listed_labels = read_file_list(options.file_list, labelled)
         if labels and listed_labels != labels:
             raise ValueError("--data_dirs and --file_list define different label sets; pack them separately")
         inputs, labels = inputs + listed, labels or listed_labels
-    return mark_missing_files(inputs), labels
+    return Scan(mark_missing_files(inputs), labels, scan.skipped)
 
 
 def plan_shards(samples: Sequence[_Sample], options: PackOptions) -> List[List[_Sample]]:
@@ -196,14 +206,17 @@ def _check_options(options: PackOptions) -> None:
             raise ValueError(f"--{name} must be at least 1 (got {getattr(options, name)})")
 
 
-def _dry_run(options: PackOptions, inputs: List[VideoInput], started: float) -> PackResult:
+def _dry_run(options: PackOptions, inputs: List[VideoInput], skipped: List[Tuple[str, str]],
+             started: float) -> PackResult:
     failures = [(i.path, i.problem) for i in inputs if i.problem]
     for item in inputs:
         print(f"{'SKIP' if item.problem else 'PACK'}\t{item.label}\t{item.label_name}\t{item.path}"
               + (f"\t{item.problem}" if item.problem else ""))
+    for path, reason in skipped:
+        print(f"SKIP\t\t\t{path}\t{reason}")
     return PackResult(out_dir=options.out_dir, inputs=len(inputs), packed_videos=0, samples=0,
                       rejected=len(failures), shards=[], bytes=0, seconds=time.perf_counter() - started,
-                      failures=failures, dry_run=True)
+                      failures=failures, dry_run=True, skipped=skipped)
 
 
 def _fingerprint(options: PackOptions, inputs: Sequence[VideoInput]) -> dict:
@@ -318,20 +331,41 @@ def _write_reports(out: Path, options: PackOptions, labels: Dict[str, int],
 
 def _write_summary(out: Path, options: PackOptions, fingerprint: dict, result: PackResult,
                    plan: List[List[_Sample]], process_s: float) -> None:
-    reasons: Dict[str, int] = {}
-    for _, reason in result.failures:
-        reasons[reason] = reasons.get(reason, 0) + 1
     summary = {
         "tool": "tools/shard_videos.py", "tool_version": __version__, "fingerprint": fingerprint,
         "counts": {"inputs": result.inputs, "packed_videos": result.packed_videos, "samples": result.samples,
-                   "rejected": result.rejected, "shards": len(result.shards), "bytes": result.bytes},
+                   "rejected": result.rejected, "skipped": len(result.skipped), "shards": len(result.shards),
+                   "bytes": result.bytes},
         "shards": [{"name": Path(p).name, "samples": len(s), "bytes": os.path.getsize(p)}
                    for p, s in zip(result.shards, plan)],
-        "rejected_by_reason": reasons,
+        "rejected_by_reason": _count_reasons(result.failures),
+        "skipped_by_reason": _count_reasons(result.skipped),
         "timings": {"process_s": round(process_s, 3), "total_s": round(result.seconds, 3),
                     "workers": options.workers, "reused_shards": result.reused_shards},
     }
     _write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+
+
+def _count_reasons(rows: Sequence[Tuple[str, str]]) -> Dict[str, int]:
+    reasons: Dict[str, int] = {}
+    for _, reason in rows:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons
+
+
+def _write_skipped(out: Path, skipped: Sequence[Tuple[str, str]]) -> None:
+    _write_csv(out / SKIPPED_NAME, ("path", "reason"), [{"path": p, "reason": r} for p, r in skipped])
+
+
+def _refresh_skipped(out: Path, skipped: Sequence[Tuple[str, str]]) -> None:
+    """A finished set's skipped.csv and summary.json counts, brought up to this scan's skipped files."""
+    _write_skipped(out, skipped)
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    fresh = {"skipped": len(skipped), "skipped_by_reason": _count_reasons(skipped)}
+    if (summary["counts"].get("skipped"), summary.get("skipped_by_reason")) != tuple(fresh.values()):
+        summary["counts"]["skipped"] = fresh["skipped"]
+        summary["skipped_by_reason"] = fresh["skipped_by_reason"]
+        _write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
 
 
 def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
