@@ -63,7 +63,10 @@ class DataConfig:
     # 8 threads fed 509 clips/s on an H100, 1 pipeline 312: docs/performance.md), 1 on DALI's CPU decoder
     pipelines_per_gpu: int = 0
     prefetch_queue_depth: int = 2
-    shuffle_buffer: int = 256  # DALI reader initial_fill
+    shuffle_buffer: int = 256  # samples a training pass's shuffle draws each next sample from (reads stay local)
+    # a pipeline is rebuilt every this many batches, seeded by where the segment lies in the epoch, so a resumed
+    # run decodes at most this many batches a stream to reach its step, and repeats the same augmentations
+    pipeline_segment_batches: int = 64
     # spatial augmentation (pretraining defaults; finetuning overrides scales to (0.08, 1.0))
     jitter_scales_relative: Tuple[float, float] = (0.5, 1.0)
     jitter_aspect_relative: Tuple[float, float] = (0.75, 1.3333)
@@ -245,6 +248,11 @@ def _add_data_flags(d) -> None:
            "this many times)")
     _value(d, "--num_threads", "data.num_threads", int, "DALI CPU threads per GPU in total: each of the "
            "--pipelines_per_gpu pipelines gets max(1, num_threads // pipelines_per_gpu)")
+    _value(d, "--max_bad_sample_fraction", "data.max_bad_sample_fraction", float, "the run stops when more than "
+           "this share of the samples is damaged at start-up, or of those read so far could not be read, 0-1")
+    _value(d, "--pipeline_segment_batches", "data.pipeline_segment_batches", int, "batches a DALI pipeline reads "
+           "before it is rebuilt with a seed of its place in the epoch: the most a resume decodes per pipeline to "
+           "reach its step")
     _value(d, "--pipelines_per_gpu", "data.pipelines_per_gpu", int, "DALI pipelines per GPU, run concurrently "
            "(round-robin) over disjoint slices of the rank's samples; more keep the video decoder busy. 0: 4 on "
            "NVDEC, 1 on the CPU decoder")

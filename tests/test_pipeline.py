@@ -20,6 +20,7 @@ from torchvision.io import encode_jpeg
 from wds2idx import IndexCreator
 
 from mae_st.config import DataConfig
+from mae_st.data.augment import build_batch_transform
 from mae_st.data.format import SampleMeta, frame_file_name, index_name_for, shard_name
 from mae_st.data.frames import FRAMES, VIDEO, random_starts, shard_payload, uniform_starts
 from mae_st.data.index import read_shard_indexes
@@ -183,7 +184,8 @@ def test_finetune_gives_soft_targets_with_mixup_and_rand_augment(shards):
     cfg = tiny_config(shards, rand_aug=True, reprob=0.5, mixup=0.8, cutmix=1.0, repeat_aug=2)
     loader = build_train_loader(cfg, "finetune", num_classes=8, rank=0, world_size=1, device=DEVICE,
                                 dtype=torch.bfloat16)
-    clips, targets = next(iter(loader))
+    clips, labels = next(iter(loader))
+    clips, targets = build_batch_transform(cfg, "finetune", num_classes=8)(clips, labels)
     assert clips.shape == (4, 3, 4, 32, 32) and clips.dtype == torch.bfloat16
     assert targets.shape == (4, 8) and targets.dtype == torch.float32
     assert torch.allclose(targets.sum(dim=1).cpu(), torch.ones(4))

@@ -1,4 +1,8 @@
-"""Batch augmentations applied on the device after the DALI hand-off (finetuning only).
+"""Batch augmentations of finetuning, applied by the trainer to each step's batch on the device.
+
+They run after the trainer seeded the step's generators from (seed, rank, step), so a resumed run draws the same
+boxes, pairings and lambdas as the uninterrupted one; `build_batch_transform` pairs them with the soft targets the
+classification loss reads (as timm pairs Mixup with SoftTargetCrossEntropy).
 
 Random erasing picks one box per clip and erases it in every frame (the box must not jump between frames);
 mixup/cutmix is timm's `Mixup` run on (B, C*T, H, W) views so cutmix cuts the same region from all frames.
@@ -7,7 +11,7 @@ mixup/cutmix is timm's `Mixup` run on (B, C*T, H, W) views so cutmix cuts the sa
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from timm.data import Mixup
@@ -76,3 +80,24 @@ class ClipMixup:
 
 def mixup_enabled(cfg: DataConfig) -> bool:
     return cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None
+
+
+BatchTransform = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def build_batch_transform(cfg: DataConfig, mode: str, num_classes: int) -> Optional[BatchTransform]:
+    """(clips, labels) -> (clips, targets) for a finetuning step: random erasing, then mixup/cutmix with smoothed
+    soft targets; None when neither is on or in pretraining."""
+    if mode != "finetune":
+        return None
+    erase = ClipRandomErasing(cfg.reprob, cfg.remode, cfg.recount) if cfg.reprob > 0 else None
+    mixup = ClipMixup(cfg, num_classes) if mixup_enabled(cfg) else None
+    if erase is None and mixup is None:
+        return None
+
+    def transform(clips: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if erase is not None:
+            clips = erase(clips)
+        return mixup(clips, labels) if mixup is not None else (clips, labels)
+
+    return transform

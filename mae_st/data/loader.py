@@ -1,62 +1,50 @@
-"""The iterators the trainer uses: `(clips, targets)` for training, `(clips, labels, video_ids)` for evaluation.
+"""What the trainer iterates: `Batch(clips, labels)` for training, `Batch(clips, labels, video_ids)` for evaluation.
 
-Epochs and sharding: every epoch rebuilds the DALI pipelines with seed + epoch, after `epoch_plan` has put the
-tars in that epoch's order and cut this rank's contiguous part; the loader writes index files for exactly
-what each pipeline reads, so DALI reads it with num_shards=1. Training runs `len(loader)` =
-(samples // world) // batch steps on every rank (the tail is dropped, as DistributedSampler's drop_last);
-evaluation reads every sample of its part once (the padded tail of a pipeline's last batch is cut off).
+Start-up: `mae_st.data.verify` checks every shard against its index and the manifest (one `stat` a tar); damaged
+samples are logged, counted and left out, and the run stops only when they are more than
+DataConfig.max_bad_sample_fraction of the set. Every epoch, a shard whose size or mtime changed is checked again.
 
-Concurrent pipelines: DALI's video decoder works through a batch's videos one after another, so one pipeline
-leaves NVDEC mostly idle. With DataConfig.pipelines_per_gpu = k > 1 the rank's part is cut again into k
-contiguous sub-parts at batch boundaries, each read by its own pipeline (own seed, num_threads // k
-threads); every pipeline decodes ahead asynchronously from the moment it is built, and `__iter__` takes one
-batch from each in turn, so k batches are decoded at once. The turn order depends only on seed, epoch and the
-bad samples met, so an epoch replays exactly; k = 1 is the single pipeline (same seeds, same batches).
+An epoch (`mae_st.data.epoch_plan`): the tars in an order drawn from (seed, epoch), cut into one contiguous part
+per rank, and each part into one slice per concurrent pipeline (DataConfig.pipelines_per_gpu: DALI's video
+decoder works through a batch's videos one after another, so k pipelines keep k videos decoding at once). Each
+slice is a `DaliStream`; the step -> stream order is fixed by the slices' batch counts. Training runs `len(loader)`
+= (samples // world) // batch steps on every rank (drop_last); evaluation reads every sample of its part once.
+`set_epoch(epoch, start_step)` starts an epoch at any step without reading the steps before it.
 
-Corrupt samples: DALI's video decoder raises when the batch holding one is fetched, and the whole batch is
-lost. The error names the sample ("<tar>:<offset>:<name>"), so the loader counts and logs it, then rebuilds
-that pipeline over the samples of its sub-part not yet delivered this epoch, minus the bad one; nothing good
-is lost or repeated. DALI's image decoder (jpeg payload) names no sample, so for that payload the loader
-shuffles in Python and reads in index order: it knows which samples the failed batch held and decodes their
-frames on the CPU to find the bad one. In training a sub-part that runs out waits while others still hold
-unseen samples; when all ran out before the epoch's step count (bad samples, uneven split), they start another
-pass.
+Bad samples met while reading are skipped (`mae_st.data.dali_stream`) and, with a `state_dir`, remembered there
+for resumed runs (`mae_st.data.bad_samples`). Mixup/cutmix and random erasing are not applied here: they are the
+trainer's batch transform (`mae_st.data.augment.build_batch_transform`), seeded by the step.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import re
 import tempfile
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence
 
-import numpy as np
 import torch
-from nvidia.dali.pipeline import Pipeline
-from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_type
 
 from mae_st.config import DataConfig
-from mae_st.data.augment import ClipMixup, ClipRandomErasing, mixup_enabled
-from mae_st.data.epoch_plan import epoch_order, rank_part, train_steps_per_epoch
-from mae_st.data.frames import FRAMES, VIDEO, shard_payload, undecodable_frame, with_clip_frames
-from mae_st.data.index import SampleRef, read_shard_indexes, write_index
-from mae_st.data.pipeline import ReaderSpec, build_eval_pipeline, build_train_pipeline
-from mae_st.data.shards import list_shards
+from mae_st.data.bad_samples import BadSample, BadSampleRegistry
+from mae_st.data.batch import Batch
+from mae_st.data.dali_stream import DaliStream, NoSamplesLeft, StreamContext, to_torch
+from mae_st.data.epoch_plan import (epoch_order, rank_part, stream_positions, sub_parts, train_steps_per_epoch,
+                                    turn_order)
+from mae_st.data.frames import FRAMES, VIDEO, shard_payload
+from mae_st.data.index import SampleRef
+from mae_st.data.shards import ShardSet, list_shards
+from mae_st.data.verify import load_shard, load_shards
 
 log = logging.getLogger(__name__)
 
 MODES = ("pretrain", "finetune")
-# the bad-sample share is judged only once this many samples were read (one early failure is not "most")
-MIN_SAMPLES_FOR_BAD_FRACTION = 20
 # pipelines per GPU by default when decoding on NVDEC: 4 (8 threads) gave 509 clips/s on an H100, 2 gave 433, 1 312
 NVDEC_PIPELINES = 4
-_FAILED_SAMPLE = re.compile(r'"([^"]+?):(\d+):([^"]+)"')
 
 
 @dataclass
@@ -68,31 +56,7 @@ class LoaderStats:
     bad_keys: List[str] = field(default_factory=list)
     wait_seconds: float = 0.0
     pipeline_builds: int = 0
-
-
-@dataclass
-class _Stream:
-    """One of a rank's concurrent pipelines: its sub-part of the epoch and what of it is not yet delivered."""
-
-    index: int  # j of pipelines_per_gpu: part of the seed
-    part: List[SampleRef]
-    remaining: "OrderedDict[str, SampleRef]" = field(default_factory=OrderedDict)
-    attempt: int = -1  # its pipelines built this epoch, less one: part of the seed, so an epoch replays exactly
-    pipe: Optional[Pipeline] = None
-    primed: bool = False  # the build scheduled the first iterations already
-    order: List[SampleRef] = field(default_factory=list)  # what the pipeline reads, in order (jpeg payload)
-    fetched: int = 0  # batches the pipeline delivered
-
-    def run(self):
-        """The next batch: DALI's `run()` (schedule one iteration, fetch the oldest) with the first schedule
-        done at build time, so that a pipeline decodes ahead before its first turn."""
-        if self.primed:
-            self.primed = False
-        else:
-            self.pipe.schedule_run()
-        outputs = self.pipe.outputs()
-        self.fetched += 1
-        return outputs
+    resume_dropped_batches: int = 0  # batches decoded only to reach a resumed run's step
 
 
 def resolve_decode_device(cfg: DataConfig, device: torch.device) -> Optional[int]:
@@ -122,29 +86,45 @@ def resolve_pipelines_per_gpu(cfg: DataConfig, decode_device_id: Optional[int], 
 
 
 class VideoLoader:
-    """Runs DALI pipelines (pipelines_per_gpu, concurrently) over this rank's part of every epoch and hands
-    their batches, in turn, to PyTorch on `device`."""
+    """This rank's part of every epoch, read by concurrent DALI streams and handed to PyTorch on `device`."""
 
-    def __init__(self, cfg: DataConfig, tars: Sequence[str], index_paths: Sequence[str], *, training: bool,
-                 mode: str, rank: int, world_size: int, device: torch.device, seed: int,
-                 dtype: torch.dtype, num_classes: int):
+    def __init__(self, cfg: DataConfig, shards: ShardSet, *, training: bool, mode: str, rank: int, world_size: int,
+                 device: torch.device, seed: int, dtype: torch.dtype, state_dir: Optional[str] = None):
+        if cfg.pipeline_segment_batches < 1:
+            raise ValueError(f"DataConfig.pipeline_segment_batches={cfg.pipeline_segment_batches}: must be >= 1")
         self.cfg, self.training, self.mode = cfg, training, mode
         self.rank, self.world_size, self.device, self.seed, self.dtype = rank, world_size, device, seed, dtype
         self.decode_device_id = resolve_decode_device(cfg, device)
-        self.per_tar = read_shard_indexes(tars, index_paths)
+        self.shards = shards
+        self.registry = BadSampleRegistry(cfg.max_bad_sample_fraction, rank, state_dir)
+        contents = load_shards(shards)
+        self.per_tar, self._fingerprints = contents.per_tar, contents.fingerprints
         self.num_samples = sum(len(samples) for samples in self.per_tar)
-        if self.num_samples == 0:
-            raise ValueError(f"no readable samples in {len(tars)} shards (first: {tars[0] if tars else None})")
+        self._refuse_mostly_damaged(contents.damaged)
+        for bad in contents.damaged:
+            self.registry.add(bad)
         self.payload = shard_payload(self.per_tar)
         self._warn_if_frames_payload_is_slow_here()
         self.num_pipelines = resolve_pipelines_per_gpu(cfg, self.decode_device_id, self.payload)
         # num_threads is the budget of all of this rank's pipelines together
         self._pipe_cfg = replace(cfg, num_threads=max(1, cfg.num_threads // self.num_pipelines))
-        self.epoch = 0
+        self._steps = (train_steps_per_epoch(self.num_samples, world_size, cfg.batch_size_per_gpu)
+                       if training else None)
+        self.epoch, self.start_step = 0, 0
         self.stats = LoaderStats()
-        self._bad: set = set()  # (tar, key) of samples that failed to decode
-        self._index_dir = tempfile.TemporaryDirectory(prefix="mae_st_idx_")
-        self._erase, self._mixup = self._batch_augmentations(num_classes)
+        self._builds = [0]
+        self._index_root = tempfile.TemporaryDirectory(prefix="mae_st_idx_")
+
+    def _refuse_mostly_damaged(self, damaged: List[BadSample]) -> None:
+        total = self.num_samples + len(damaged)
+        if total == 0:
+            raise ValueError(f"no readable samples in {len(self.shards)} shards (first: {self.shards.tars[0]})")
+        if len(damaged) > self.cfg.max_bad_sample_fraction * total:
+            raise ValueError(
+                f"{len(damaged)} of {total} samples of the shard set are damaged (more than "
+                f"DataConfig.max_bad_sample_fraction={self.cfg.max_bad_sample_fraction}); first: "
+                f"{[f'{b.key} in {b.tar}: {b.reason}' for b in damaged[:3]]}. Re-copy or re-pack the shards; "
+                "`python tools/shard_videos.py --verify <folder>` lists them all")
 
     def _warn_if_frames_payload_is_slow_here(self) -> None:
         clips = self.cfg.repeat_aug if self.training else self.cfg.test_num_ensemble_views
@@ -154,230 +134,162 @@ class VideoLoader:
                         "16 pretraining on an H200: 11 clips/s with nvJPEG, 505 from VP9); pack this set as video",
                         clips, self.cfg.num_frames, clips * self.cfg.num_frames)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order the next `__iter__` follows (same seed + epoch -> same order)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The epoch the next `__iter__` reads, from `start_step` on (a resumed run's position in it)."""
+        if start_step and not self.training:
+            raise ValueError("evaluation always reads a whole epoch")
+        self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:
         if self.training:
-            return train_steps_per_epoch(self.num_samples, self.world_size, self.cfg.batch_size_per_gpu)
-        return sum(math.ceil(len(sub) / self.cfg.batch_size_per_gpu) for sub in self._sub_parts(self._part()))
+            return self._steps
+        batch = self.cfg.batch_size_per_gpu
+        return sum(math.ceil(sum(s not in self.registry for s in sub) / batch) for sub in self._slices())
 
-    def __iter__(self) -> Iterator[tuple]:
-        streams = deque(self._start(_Stream(j, sub)) for j, sub in enumerate(self._sub_parts(self._part())))
-        step, steps = 0, len(self)
-        # training runs the fixed step count; evaluation runs until every sample of the part was delivered
-        while streams and (step < steps or not self.training):
-            stream = streams.popleft()  # a stream goes back to the end of the queue unless it is done
-            if not stream.remaining:
-                if not self.training:
-                    continue  # its sub-part is evaluated
-                if any(s.remaining for s in streams):
-                    streams.append(stream)  # others still hold samples not seen this epoch: it waits
-                    continue
-                # every sub-part was read, yet steps remain (bad samples, uneven split): another pass over this one
-                if not self._start(stream).remaining:
-                    continue  # every sample of it is bad
-            try:
-                started = time.perf_counter()
-                clips, meta = stream.run()
-                self.stats.wait_seconds += time.perf_counter() - started
-            except RuntimeError as err:
-                self._record_bad_sample(err, stream)
-                streams.append(self._rebuild(stream))
-                continue
-            streams.append(stream)
-            metas = [json.loads(np.asarray(meta.at(i)).tobytes()) for i in range(len(meta))]
-            # evaluation pads a pipeline's last batch by repeating a sample; the padding is cut off here
-            keep = len(metas) if self.training else min(len(metas), len(stream.remaining))
-            for sample in metas[:keep]:
-                stream.remaining.pop(sample["key"], None)
-            self.stats.samples += keep
-            step += 1
-            yield self._to_batch(clips, metas[:keep])
-        self._check_bad_fraction(final=True)
-        if self.training and step < steps:
-            raise RuntimeError(f"no decodable samples left on rank {self.rank} in epoch {self.epoch} "
-                               f"after {step} of {steps} steps; bad keys: {self.stats.bad_keys[:10]}")
+    def __iter__(self) -> Iterator[Batch]:
+        self._recheck_changed_shards()
+        ctx = self._context()
+        streams = self._streams(ctx)
+        try:
+            yield from (self._train_batches(streams) if self.training else self._eval_batches(streams))
+        finally:
+            for stream in streams:
+                stream.close()
+            self.stats.pipeline_builds = ctx.builds[0]
+        self.registry.check_fraction(self.stats.samples, final=True)
 
     def close(self) -> None:
-        self._index_dir.cleanup()
+        self._index_root.cleanup()
 
-    # -- epoch bookkeeping -------------------------------------------------------------------------------------
+    def stats_record(self) -> dict:
+        """The loader's counters for log.jsonl."""
+        return {"samples": self.stats.samples, "bad_samples": len(self.registry),
+                "bad_keys": [f"{b.tar}:{b.key}" for b in self.registry.found],
+                "pipeline_builds": self.stats.pipeline_builds,
+                "resume_dropped_batches": self.stats.resume_dropped_batches}
 
-    def _part(self) -> List[SampleRef]:
+    # -- epochs ------------------------------------------------------------------------------------------------
+
+    def _context(self) -> StreamContext:
+        return StreamContext(cfg=self._pipe_cfg, training=self.training, mode=self.mode, seed=self.seed,
+                             epoch=self.epoch, rank=self.rank, device_id=self.decode_device_id,
+                             half=self.dtype != torch.float32, payload=self.payload, registry=self.registry,
+                             index_root=self._index_root.name, recheck_tars=self._recheck_tars, builds=self._builds)
+
+    def _slices(self) -> List[List[SampleRef]]:
+        """This epoch's part of this rank, cut into one slice per stream."""
         order = epoch_order(self.per_tar, self.seed, self.epoch, shuffle=self.training)
-        return rank_part(order, self.rank, self.world_size)
+        part = rank_part(order, self.rank, self.world_size)
+        return sub_parts(part, self.cfg.batch_size_per_gpu, self.num_pipelines)
 
-    def _sub_parts(self, part: Sequence[SampleRef]) -> List[List[SampleRef]]:
-        """The contiguous slices of the part that the rank's pipelines read (the part itself for one), cut at
-        batch boundaries: a pipeline fills its last batch by wrapping around its slice, so slices of other sizes
-        would repeat samples while the epoch's step count leaves others unread (a pipeline may get none)."""
-        batch, k = self.cfg.batch_size_per_gpu, self.num_pipelines
-        batches = math.ceil(len(part) / batch)
-        return [list(part[batch * (batches * j // k) : batch * (batches * (j + 1) // k)]) for j in range(k)]
+    def _streams(self, ctx: StreamContext) -> List[DaliStream]:
+        return [DaliStream(j, sub, ctx) for j, sub in enumerate(self._slices())]
 
-    def _undelivered(self, part: Sequence[SampleRef]) -> "OrderedDict[str, SampleRef]":
-        return OrderedDict((s.key, s) for s in part if (s.tar, s.key) not in self._bad)
+    def _train_batches(self, streams: List[DaliStream]) -> Iterator[Batch]:
+        counts = [s.batches_per_pass() for s in streams]
+        turns = turn_order(counts, self._steps)
+        if len(turns) < self._steps:
+            raise RuntimeError(f"no readable samples left on rank {self.rank} in epoch {self.epoch}; first bad: "
+                               f"{[b.key for b in self.registry.found[:10]]}")
+        for stream, (pass_no, batch) in zip(streams, stream_positions(turns, counts, self.start_step)):
+            if stream.batches_per_pass():
+                self.stats.resume_dropped_batches += stream.seek(pass_no, batch)
+        for step in range(self.start_step, self._steps):
+            yield self._timed(lambda: self._next_of(streams, turns[step]))
 
-    def _start(self, stream: _Stream) -> _Stream:
-        """Starts a pass over the stream's sub-part (the first of the epoch, or another when training ran out)."""
-        stream.remaining = self._undelivered(stream.part)
-        return self._rebuild(stream)
+    def _next_of(self, streams: List[DaliStream], j: int):
+        """Stream j's next batch; another stream's when every sample of j turned out bad."""
+        for k in range(len(streams)):
+            try:
+                return streams[(j + k) % len(streams)].next_batch()
+            except NoSamplesLeft:
+                continue
+        raise RuntimeError(f"no readable samples left on rank {self.rank} in epoch {self.epoch}; first bad: "
+                           f"{[b.key for b in self.registry.found[:10]]}")
 
-    def _rebuild(self, stream: _Stream) -> _Stream:
-        """A fresh pipeline for the stream's undelivered samples (none when nothing is left)."""
-        stream.attempt += 1
-        stream.pipe = None  # the old one's memory goes before the new one takes its own
-        stream.fetched = 0
-        if stream.remaining:
-            stream.pipe = self._build(stream, stream.attempt * self.num_pipelines + stream.index)
-            stream.pipe.schedule_run()  # starts decoding ahead now, not at the stream's first turn
-            stream.primed = True
-        return stream
+    def _eval_batches(self, streams: List[DaliStream]) -> Iterator[Batch]:
+        queue = deque(s for s in streams if s.batches_per_pass())
+        for stream in queue:
+            stream.start()
+        while queue:
+            stream = queue.popleft()
+            batch = self._timed(stream.next_batch)
+            if batch is not None:
+                queue.append(stream)
+                yield batch
 
-    def _build(self, stream: _Stream, attempt: int) -> Pipeline:
-        """A fresh pipeline reading exactly the stream's remaining samples, seeded by seed, epoch, rank and attempt
-        (which counts builds x pipelines_per_gpu + stream, so concurrent pipelines get distinct seeds)."""
-        seed = (self.seed * 1_000_003 + self.epoch * 10_007 + self.rank * 101 + attempt * 7) % 2**31
-        stream.order, tars, index_paths = self._write_indexes(self._as_read(stream.remaining.values(), seed))
-        spec = ReaderSpec(tars=tars, index_paths=index_paths, batch_size=self.cfg.batch_size_per_gpu,
-                          device_id=self.decode_device_id, seed=seed,
-                          shuffle=self.training and self.payload != FRAMES,
-                          initial_fill=self.cfg.shuffle_buffer, pad_last_batch=not self.training,
-                          half=self.dtype != torch.float32, payload=self.payload)
-        self.stats.pipeline_builds += 1
-        if self.training:
-            return build_train_pipeline(spec, self._pipe_cfg, self.mode)
-        return build_eval_pipeline(spec, self._pipe_cfg)
+    def _timed(self, fetch) -> Optional[Batch]:
+        started = time.perf_counter()
+        fetched = fetch()
+        self.stats.wait_seconds += time.perf_counter() - started
+        if fetched is None:
+            return None
+        clips, metas = fetched
+        self.stats.samples += len(metas)
+        self.stats.bad_samples, self.stats.bad_keys = len(self.registry), [b.key for b in self.registry.found]
+        self.registry.check_fraction(self.stats.samples)
+        return self._to_batch(clips, metas)
 
-    def _as_read(self, samples, seed: int) -> List[SampleRef]:
-        """The samples as the pipeline reads them; jpeg-payload ones name their clips' frames and, in training,
-        are shuffled here (both drawn with `seed`)."""
-        if self.payload != FRAMES:
-            return list(samples)
-        if not self.training:
-            return [with_clip_frames(sample, self.cfg, None) for sample in samples]
-        rng = np.random.default_rng(seed)
-        samples = list(samples)
-        return [with_clip_frames(samples[i], self.cfg, rng) for i in rng.permutation(len(samples))]
+    # -- shards that change during a run -----------------------------------------------------------------------
 
-    def _write_indexes(self, samples) -> Tuple[List[SampleRef], List[str], List[str]]:
-        """Index files listing `samples` grouped by tar (DALI reads tar after tar); returns the samples in the
-        order they are read, the tars and the index files."""
-        by_tar: Dict[str, List[SampleRef]] = OrderedDict()
-        for sample in samples:
-            by_tar.setdefault(sample.tar, []).append(sample)
-        build_dir = os.path.join(self._index_dir.name, str(self.stats.pipeline_builds))
-        os.makedirs(build_dir)
-        index_paths = []
-        for i, (tar, tar_samples) in enumerate(by_tar.items()):
-            index_paths.append(os.path.join(build_dir, f"{i:06d}.idx"))
-            write_index(tar_samples, index_paths[-1])
-        return [s for group in by_tar.values() for s in group], list(by_tar), index_paths
+    def _recheck_changed_shards(self) -> None:
+        """Every sample of a shard whose size or mtime changed since start-up and that no longer checks out is
+        bad from now on (the epoch plan keeps start-up's samples, so every rank still cuts the same parts)."""
+        for bad in self._recheck_tars(self.shards.tars):
+            self.registry.add(bad)
 
-    # -- corrupt samples ---------------------------------------------------------------------------------------
-
-    def _record_bad_sample(self, err: RuntimeError, stream: _Stream) -> None:
-        remaining = stream.remaining
-        sample, reason = self._failed_sample(err, remaining), _first_line_naming(err)
-        if sample is None and self.payload == FRAMES:
-            sample, reason = self._undecodable_in_failed_batch(stream)
-        if sample is None:
-            raise RuntimeError(f"DALI pipeline failed and the error names no sample of this rank's part, so it "
-                               f"cannot be skipped (epoch {self.epoch}, rank {self.rank}):\n{err}") from err
-        self._bad.add((sample.tar, sample.key))
-        remaining.pop(sample.key)
-        self.stats.bad_samples += 1
-        self.stats.bad_keys.append(sample.key)
-        log.warning("skipping undecodable sample %s in %s (%d bad so far): %s", sample.key, sample.tar,
-                    self.stats.bad_samples, reason)
-        self._check_bad_fraction(final=False)
-
-    @staticmethod
-    def _failed_sample(err: RuntimeError, remaining: "OrderedDict[str, SampleRef]") -> Optional[SampleRef]:
-        for tar, _offset, name in _FAILED_SAMPLE.findall(str(err)):
-            dot = name.find(".", name.rfind("/") + 1)
-            sample = remaining.get(name if dot < 0 else name[:dot])
-            if sample is not None and os.path.abspath(sample.tar) == os.path.abspath(tar):
-                return sample
-        return None
-
-    def _undecodable_in_failed_batch(self, stream: _Stream) -> Tuple[Optional[SampleRef], str]:
-        """The first sample of the failed batch (or of those prefetched after it) whose frames do not decode on
-        the CPU, and why: the image decoder's error does not say which it was."""
-        batch = self.cfg.batch_size_per_gpu
-        start = stream.fetched * batch
-        for sample in stream.order[start : start + batch * (self.cfg.prefetch_queue_depth + 1)]:
-            reason = undecodable_frame(sample) if sample.key in stream.remaining else None
-            if reason is not None:
-                return stream.remaining[sample.key], reason
-        return None, ""
-
-    def _check_bad_fraction(self, final: bool) -> None:
-        seen = self.stats.samples + self.stats.bad_samples
-        if not self.stats.bad_samples or (not final and seen < MIN_SAMPLES_FOR_BAD_FRACTION):
-            return
-        if self.stats.bad_samples > self.cfg.max_bad_sample_fraction * seen:
-            raise RuntimeError(
-                f"{self.stats.bad_samples} of {seen} samples read on rank {self.rank} could not be decoded "
-                f"(more than DataConfig.max_bad_sample_fraction={self.cfg.max_bad_sample_fraction}); "
-                f"first bad keys: {self.stats.bad_keys[:10]}. Check the shards (codec, truncation) and re-pack.")
+    def _recheck_tars(self, tars: Sequence[str]) -> List[BadSample]:
+        position = {os.path.abspath(t): i for i, t in enumerate(self.shards.tars)}
+        bad: List[BadSample] = []
+        for tar in tars:
+            i = position.get(os.path.abspath(tar))
+            if i is None or _fingerprint(tar) == self._fingerprints[i]:
+                continue
+            now, damaged, self._fingerprints[i] = load_shard(tar, self.shards.index_paths[i])
+            unchanged = {s.index_line for s in now}
+            reason = next((b.reason for b in damaged), "the shard changed since start-up")
+            if not os.path.exists(tar):
+                reason = "the shard was deleted or moved during the run"
+            bad += [BadSample(s.tar, s.key, reason) for s in self.per_tar[i]
+                    if s.index_line not in unchanged and s not in self.registry]
+        return bad
 
     # -- hand-off ----------------------------------------------------------------------------------------------
 
-    def _batch_augmentations(self, num_classes: int):
-        if not (self.training and self.mode == "finetune"):
-            return None, None
-        erase = ClipRandomErasing(self.cfg.reprob, self.cfg.remode, self.cfg.recount) if self.cfg.reprob > 0 else None
-        mixup = ClipMixup(self.cfg, num_classes) if mixup_enabled(self.cfg) else None
-        return erase, mixup
-
-    def _to_batch(self, clips, metas: List[dict]) -> tuple:
-        videos = _to_torch(clips, self.device)[: len(metas)]  # (B, clips per video, C, T, H, W)
+    def _to_batch(self, clips, metas: List[dict]) -> Batch:
+        videos = to_torch(clips, self.device)[: len(metas)]  # (B, clips per video, C, T, H, W)
         per_video = videos.shape[1]
         videos = videos.flatten(0, 1)
         if self.dtype != videos.dtype:
             videos = videos.to(self.dtype)
         labels = torch.tensor([m["label"] for m in metas], dtype=torch.int64).repeat_interleave(per_video)
         labels = labels.to(self.device, non_blocking=True)
-        if not self.training:
-            return videos, labels, [m["key"] for m in metas for _ in range(per_video)]
-        if self._erase is not None:
-            videos = self._erase(videos)
-        if self._mixup is not None:
-            return self._mixup(videos, labels)
-        return videos, labels
+        if self.training:
+            return Batch(videos, labels)
+        return Batch(videos, labels, [m["key"] for m in metas for _ in range(per_video)])
 
 
-def _to_torch(batch, device: torch.device) -> torch.Tensor:
-    """Copy a dense DALI batch into a torch tensor on DALI's device, then move it to `device` if needed."""
-    dense = batch.as_tensor()
-    on_gpu = hasattr(dense, "device_id")
-    target = torch.device("cuda", dense.device_id()) if on_gpu else torch.device("cpu")
-    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=target)
-    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(target) if on_gpu else None)
-    return out.to(device, non_blocking=True)
-
-
-def _first_line_naming(err: Exception) -> str:
-    lines = [line for line in str(err).splitlines() if _FAILED_SAMPLE.search(line)]
-    return lines[0].strip() if lines else str(err).splitlines()[0]
+def _fingerprint(tar: str):
+    try:
+        stat = os.stat(tar)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def build_train_loader(cfg: DataConfig, mode: str, num_classes: int, rank: int, world_size: int,
-                       device: torch.device, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> VideoLoader:
-    """Training iterator over DataConfig.train_shards yielding (clips (B*repeat_aug, C, T, H, W), targets)."""
+                       device: torch.device, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                       state_dir: Optional[str] = None) -> VideoLoader:
+    """Training iterator over DataConfig.train_shards yielding Batch(clips (B*repeat_aug, C, T, H, W), labels);
+    `state_dir` (the run's output folder) keeps the bad samples met for resumed runs."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
-    shards = list_shards(cfg.train_shards)
-    return VideoLoader(cfg, shards.tars, shards.index_paths, training=True, mode=mode, rank=rank, world_size=world_size,
-                       device=device, seed=seed, dtype=dtype, num_classes=num_classes)
+    return VideoLoader(cfg, list_shards(cfg.train_shards), training=True, mode=mode, rank=rank,
+                       world_size=world_size, device=device, seed=seed, dtype=dtype, state_dir=state_dir)
 
 
 def build_eval_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.device, *,
-                      dtype: torch.dtype = torch.float32) -> VideoLoader:
-    """Multi-view evaluation iterator over DataConfig.val_shards yielding (clips, labels, video_ids)."""
-    shards = list_shards(cfg.val_shards)
-    return VideoLoader(cfg, shards.tars, shards.index_paths, training=False, mode="eval", rank=rank, world_size=world_size,
-                       device=device, seed=0, dtype=dtype, num_classes=0)
+                      dtype: torch.dtype = torch.float32, state_dir: Optional[str] = None) -> VideoLoader:
+    """Multi-view evaluation iterator over DataConfig.val_shards yielding Batch(clips, labels, video_ids)."""
+    return VideoLoader(cfg, list_shards(cfg.val_shards), training=False, mode="eval", rank=rank,
+                       world_size=world_size, device=device, seed=0, dtype=dtype, state_dir=state_dir)

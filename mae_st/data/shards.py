@@ -1,7 +1,8 @@
 """Resolve a shard set (folder, brace pattern, glob or manifest.csv) into tars, index files and sample counts.
 
-The trainer defines an epoch by the total, and the DALI reader takes `tars` + `index_paths` as its
-`paths`/`index_paths`. Anything listed but missing is an error that names the file, never a silently smaller set.
+The DALI reader takes `tars` + `index_paths` as its `paths`/`index_paths`. A listed tar that is missing is an
+error that names the file, never a silently smaller set; a missing index is not (it is derived data: the loader
+rebuilds it from the tar, `mae_st.data.verify`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import csv
 import glob
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from braceexpand import braceexpand
 
@@ -29,6 +30,8 @@ class ShardSet:
     tars: List[str]
     index_paths: List[str]
     counts: List[int]
+    # tar -> the keys manifest.csv lists for it (empty without a manifest): what a damaged shard should hold
+    listed_keys: Dict[str, List[str]] = field(default_factory=dict, compare=False)
 
     @property
     def total(self) -> int:
@@ -56,29 +59,34 @@ def list_shards(spec: str) -> ShardSet:
     return _from_tars(_expand_pattern(spec), spec)
 
 
-def read_index_count(index_path: str) -> int:
-    """Samples an index declares in its header line (`v1.2 <count>`)."""
+def read_index_count(index_path: str) -> Optional[int]:
+    """Samples an index declares in its header line (`v1.2 <count>`); None when the index file is missing."""
+    if not os.path.isfile(index_path):
+        return None
     with open(index_path) as f:
         return declared_count(f.readline(), index_path)
 
 
 def _from_manifest(manifest: str) -> ShardSet:
+    keys: Dict[str, List[str]] = {}
     with open(manifest, newline="") as f:
-        counts = Counter(row["shard"] for row in csv.DictReader(f))
-    if not counts:
+        for row in csv.DictReader(f):
+            keys.setdefault(row["shard"], []).append(row["key"])
+    if not keys:
         raise ValueError(f"manifest {manifest} lists no samples")
     folder = Path(manifest).parent
-    tars = [str(folder / name) for name in sorted(counts)]
-    shard_set = _from_tars(tars, manifest)
+    tars = [str(folder / name) for name in sorted(keys)]
+    shard_set = _from_tars(tars, manifest, {str(folder / name): len(k) for name, k in keys.items()})
+    shard_set.listed_keys.update({str(folder / name): k for name, k in keys.items()})
     for tar, indexed in zip(shard_set.tars, shard_set.counts):
-        listed = counts[Path(tar).name]
+        listed = len(keys[Path(tar).name])
         if indexed != listed:
             raise ValueError(f"shard {tar}: manifest {manifest} lists {listed} samples but its index has {indexed}; "
                              "the folder mixes two packer runs, re-pack it")
     return shard_set
 
 
-def _from_tars(tars: Sequence[str], spec: str) -> ShardSet:
+def _from_tars(tars: Sequence[str], spec: str, listed: Optional[Dict[str, int]] = None) -> ShardSet:
     if not tars:
         raise FileNotFoundError(f"no shards ({SHARD_SUFFIX}) found for {spec!r}; pass the packer's output folder, "
                                 "a manifest.csv or a pattern like 'data/train-{000000..000009}.tar'")
@@ -86,10 +94,10 @@ def _from_tars(tars: Sequence[str], spec: str) -> ShardSet:
     for tar, index_path in zip(tars, index_paths):
         if not os.path.isfile(tar):
             raise FileNotFoundError(f"shard {tar} listed by {spec!r} but not found")
-        if not os.path.isfile(index_path):
-            raise FileNotFoundError(f"index {index_path} of shard {tar} not found; re-run the packer on that folder "
-                                    f"or build it with `wds2idx {tar} {index_path}`")
-    return ShardSet(list(tars), index_paths, [read_index_count(p) for p in index_paths])
+    counts = [read_index_count(p) for p in index_paths]
+    # a missing index counts what the manifest lists (or 0): the loader rebuilds it and names what is lost
+    counts = [(listed or {}).get(t, 0) if c is None else c for t, c in zip(tars, counts)]
+    return ShardSet(list(tars), index_paths, counts)
 
 
 def _expand_pattern(spec: str) -> List[str]:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mae_st.config import DataConfig
+from mae_st.data.batch import Batch
 
 SYNTHETIC_PREFIX = "synthetic:"
 _PATTERN_SEED = 1234  # the clips are the same for every run; only their order depends on --seed
@@ -43,6 +44,9 @@ class SyntheticStats:
     bad_samples: int = 0
     wait_seconds: float = 0.0
 
+    def record(self) -> dict:
+        return {"samples": self.samples, "bad_samples": self.bad_samples}
+
 
 def make_clips(cfg: DataConfig, num_samples: int, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, T, H, W) normalised-looking clips and (N,) labels, identical on every rank and run."""
@@ -67,28 +71,31 @@ class SyntheticLoader:
         clips, labels = make_clips(cfg, num_samples, num_classes)
         self.clips, self.labels = clips.to(device=device, dtype=dtype), labels.to(device)
         self.cfg, self.rank, self.world_size, self.seed = cfg, rank, world_size, seed
-        self.epoch = 0
+        self.epoch, self.start_step = 0, 0
         self.stats = SyntheticStats()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def stats_record(self) -> dict:
+        return self.stats.record()
 
     def __len__(self) -> int:
         return (len(self.clips) // self.world_size) // self.cfg.batch_size_per_gpu
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(len(self.clips), generator=gen)
         per_rank = len(self.clips) // self.world_size
         part = order[self.rank * per_rank : (self.rank + 1) * per_rank]
         batch, repeats = self.cfg.batch_size_per_gpu, self.cfg.repeat_aug
-        for step in range(len(self)):
+        for step in range(self.start_step, len(self)):
             started = time.perf_counter()
             index = part[step * batch : (step + 1) * batch].to(self.clips.device).repeat_interleave(repeats)
             clips, labels = self.clips[index], self.labels[index]
             self.stats.samples += batch
             self.stats.wait_seconds += time.perf_counter() - started
-            yield clips, labels
+            yield Batch(clips, labels)
 
 
 class SyntheticEvalLoader:
@@ -104,14 +111,17 @@ class SyntheticEvalLoader:
         self.batch = cfg.batch_size_per_gpu
         self.stats = SyntheticStats()
 
+    def stats_record(self) -> dict:
+        return self.stats.record()
+
     def __len__(self) -> int:
         return math.ceil(len(self.clips) / self.batch)
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, List[str]]]:
+    def __iter__(self) -> Iterator[Batch]:
         for start in range(0, len(self.clips), self.batch):
             clips = self.clips[start : start + self.batch]
             views = torch.cat([clips.roll(v, dims=2) for v in range(self.views)])  # view-major order
             labels = self.labels[start : start + self.batch].repeat(self.views)
             ids = self.ids[start : start + self.batch] * self.views
             self.stats.samples += len(clips)
-            yield views, labels, ids
+            yield Batch(views, labels, ids)
