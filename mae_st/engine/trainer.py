@@ -95,6 +95,7 @@ class Trainer:
         self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
         self.nonfinite_streak = 0
         self.save_pending = False
+        self.shown_loss = float("nan")  # the progress bar's loss: the last logging interval's mean
 
     # ---- training ----------------------------------------------------------------------------------------------
 
@@ -114,7 +115,7 @@ class Trainer:
             meter.add(loss, clips.shape[0], data_wait)
             state.step_in_epoch += 1
             state.global_step += 1
-            self.logger.advance({"loss": loss, "lr": lr})
+            self.logger.advance({"loss": self.shown_loss, "lr": lr})
             if state.global_step % run.log_interval == 0 or state.step_in_epoch == total:
                 self._log_interval(meter, state, lr)
             if run.save_every_steps and state.global_step % run.save_every_steps == 0:
@@ -143,22 +144,30 @@ class Trainer:
         apply_lr(self.engine.optimizer, lr)
         return lr
 
-    def _micro_step(self, clips: torch.Tensor, targets: torch.Tensor, state: TrainState) -> float:
-        """Forward, then backward + step unless any rank's loss is non-finite; returns the loss (nan if skipped)."""
+    def _micro_step(self, clips: torch.Tensor, targets: torch.Tensor, state: TrainState) -> Optional[torch.Tensor]:
+        """Forward, then backward + step unless any rank's loss is non-finite; returns the detached loss where it
+        was computed (None if skipped). It is read on the host only at log intervals (IntervalMeter): a `.item()`
+        per step would make the host wait for the GPU to finish the step before launching the next one."""
         seed_step(self.cfg.run.seed, self.env.rank, state.global_step)
         loss = self.loss_fn(self.engine, clips.to(self.dtype), targets)
-        flags = any_rank(torch.stack([~torch.isfinite(loss.detach()), torch.tensor(self.stop.requested,
-                                                                                   device=loss.device)]))
-        if flags[1]:
+        # The step's one host sync: whether any rank's loss is non-finite decides whether backward runs. The flags
+        # are written on the device (a host tensor copied there would sync once more), reduced in one all-reduce
+        # and read in one go.
+        flags = loss.new_zeros(2, dtype=torch.float32)
+        flags[0] = ~torch.isfinite(loss.detach())
+        if self.stop.requested:
+            flags[1] = 1.0
+        nonfinite, stop = any_rank(flags).tolist()
+        if stop:
             self.stop.requested = True  # one rank was signalled: all of them stop together
-        if flags[0]:
+        if nonfinite:
             # with ZeRO the step is collective: skipping backward and step on every rank keeps them in lockstep
             self._count_nonfinite(state)
-            return float("nan")
+            return None
         self.nonfinite_streak = 0
         self.engine.backward(loss)
         self.engine.step()
-        return loss.item()
+        return loss.detach()
 
     def _count_nonfinite(self, state: TrainState) -> None:
         state.skipped_steps += 1
@@ -177,6 +186,7 @@ class Trainer:
                   "grad_norm": _finite_or_none(self.engine.get_global_grad_norm()),
                   "skipped_steps": state.skipped_steps}
         self.logger.write(record)
+        self.shown_loss = record["loss"]
         meter.reset()
 
     def _save_if_due(self, state: TrainState) -> None:
