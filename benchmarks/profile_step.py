@@ -1,31 +1,30 @@
-"""Where does a ViT-H/14 MAE-ST training step's time go? Plain PyTorch against DeepSpeed engines, one table.
+"""The training step train.py runs against plain PyTorch, in one table per model and batch, one process.
 
-    python benchmarks/profile_step.py --variants eager,z0,z2,z3,z3-persist --profile z3
-    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python benchmarks/profile_step.py --tiny --clips 2   # a CPU check, ~1 min
+On the GPU machine (one H200, about 6 minutes; the table, then $OUT/profile_step.json):
 
-Variants (`--list` prints them): `eager` is PyTorch alone (bf16 autocast, fp32 weights, fused AdamW), the reference
-for what the model itself costs; `eager-compile` adds torch.compile of every transformer block's forward (the
-ceiling). The others are train.py's engine (`build_model`, `build_optimizer`, the shipped ZeRO JSON) at a ZeRO
-stage with some of the shipped settings overridden; see VARIANTS. Each variant builds its own engine, times
-`--warmup` + `--steps` steps (forward, backward, step, as `Trainer` does) and is torn down before the next; one
-variant's failure is a row with its error. `--profile A,B` prints the top operators of those variants.
+    python3 benchmarks/profile_step.py --suite issue16 --out $OUT/profile_step.json
 
-The table's `loss` is the last timed step's loss. Every variant starts from the same weights and draws the same
-masks (seeded), and the steps use a nonzero lr (`--lr`), so in pretraining the column checks the gradients: on a
-CPU (fp32, `--tiny --lr 1e-2`) every correct variant prints the same loss to 5 digits; on a GPU bf16 and compiled
-kernels round differently, so read only large departures there. Finetuning's drop path and dropout draw
-differently inside compiled graphs, so compile variants differ there (from eager; not from each other).
+That suite is ViT-H/14 MAE-ST pretraining at 16 and 64 clips, ViT-H/14 finetuning at 8 clips and ViT-B/16 finetuning
+at 16 clips, each with the variants eager, z3 (train.py's engine), z3-unaligned, z3-autocast, z3-nopack, z0; rows
+past `--budget_s` are listed as skipped rather than cut off. A single configuration:
 
-Not a variant: `stage3_module_granularity_threshold` (DeepSpeed choosing leaf modules by parameters per
-submodule). It marks parents first, and both models' root module is finer-grained than a Block (ViT-H MAE-ST:
-root 1.60M parameters per submodule, Block 1.79M; classifier 1.77M vs 1.79M), so any threshold that makes the
-Blocks leaves makes the whole model one leaf instead; the root's input (the clips) needs no gradient, so its
-leaf gradient hook fires when backward starts, before any gradient exists, and the step fails (checked on the
-tiny model: "output with shape [1] doesn't match the broadcast shape").
+    python3 benchmarks/profile_step.py --mode finetune --clips 8 --variants eager,z3,z3-nopack
+    DS_ACCELERATOR=cpu python benchmarks/profile_step.py --tiny --suite issue16 --steps 2   # CPU check, ~1 min
 
-Process-wide state that one variant must not leak into the next: ZeRO-3's `memory_efficient_linear` (on unless
-a variant turns it off) replaces `torch.nn.functional.linear` for the whole process and DeepSpeed never puts it
-back, so the script restores it after every variant; torch.compile caches are reset after compile variants.
+Every DeepSpeed variant is built by mae_st.engine.build.build_engine, the builder train.py uses, with an
+EngineOverrides naming what differs (`--list` prints them), and its step is the Trainer's own micro-step (forward,
+the non-finite/SIGTERM flag all-reduce and its one host read, backward, step). `eager` is PyTorch alone: the same
+model init, bf16 autocast over fp32 weights, fused AdamW, no DeepSpeed; the reference for what the model costs, and
+`x eager` divides each row's clips/s by it, measured in the same run. MFU divides the matmul FLOPs
+(benchmarks/flops.py) by a bf16 8192^3 matmul measured at start. After the timed steps a short torch.profiler
+window names the step's top GEMM kernels and counts its host syncs (cudaStreamSynchronize / cudaDeviceSynchronize).
+
+The `loss` column is the last timed step's loss; every variant starts from the same weights and draws the same
+masks, so on a CPU (fp32) correct variants agree to ~5 digits; bf16 on a GPU rounds differently.
+
+Process-wide state one variant must not leak into the next: ZeRO-3's `memory_efficient_linear` (off in the shipped
+JSONs; on in `z3-mel`) replaces torch.nn.functional.linear for the whole process and DeepSpeed never puts it back,
+so it is restored after every variant; torch.compile caches are reset after compile variants.
 """
 
 from __future__ import annotations
@@ -37,9 +36,9 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -48,95 +47,73 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.flops import train_flops_per_clip  # noqa: E402
+from benchmarks.gemm_alignment import gemm_kernels, start_one_rank_world  # noqa: E402
 from mae_st.config import JobConfig  # noqa: E402
-from mae_st.engine.ds_config import default_ds_config_path, fill_ds_config, load_ds_config  # noqa: E402
-from mae_st.engine.fused_params import fuse_block_parameters  # noqa: E402
-from mae_st.engine.optim import build_optimizer, weight_decay_rule  # noqa: E402
+from mae_st.engine.build import EngineOverrides, build_engine, build_train_model  # noqa: E402
+from mae_st.engine.metrics import RunLogger  # noqa: E402
+from mae_st.engine.optim import build_optimizer  # noqa: E402
 from mae_st.engine.schedule import apply_lr  # noqa: E402
-from mae_st.models import build_model, list_models, register_model  # noqa: E402
-from mae_st.models.layers import Block, BlockStack  # noqa: E402
+from mae_st.engine.trainer import StopSignal, Trainer, TrainState, build_loss_fn  # noqa: E402
+from mae_st.models import build_model  # noqa: E402
+from mae_st.models.layers import Block, PackedBlock  # noqa: E402
 
-TORCH_LINEAR = F.linear  # before DeepSpeed's ZeRO-3 Init swaps in its own (see the module docstring)
-
-# ZeRO JSON overrides ------------------------------------------------------------------------------------------------
+TORCH_LINEAR = F.linear  # before DeepSpeed's ZeRO-3 swaps in its own (see the module docstring)
+# every parameter kept gathered, so fetch/release find nothing to do (ViT-H in bf16 is 1.3 GB)
 PERSIST_ALL = {"stage3_param_persistence_threshold": int(1e10), "stage3_max_live_parameters": int(1e10),
                "stage3_prefetch_bucket_size": int(5e8)}
-NO_OVERLAP = {"overlap_comm": False}
-# nn.Linear through torch's own F.linear (cuBLAS with the bias fused) instead of DeepSpeed's Python autograd
-# Function LinearFunctionForZeroStage3 (matmul, then a separate bias add; re-gathers the weight in backward)
-NATIVE_LINEAR = {"memory_efficient_linear": False}
-# Every parameter stays gathered (ViT-H in bf16 is 1.3 GB; the fp32 master weights and Adam moments, 12 bytes a
-# parameter, stay partitioned), so fetch/release find nothing to do; one gradient bucket holds the whole model
-# ("model" is replaced by its parameter count), reduced once at the end of backward; and reduce_scatter off
-# all-reduces that contiguous bucket in place instead of concatenating the gradients a second time first.
-FAST = {**NATIVE_LINEAR, **PERSIST_ALL, "reduce_bucket_size": "model", "reduce_scatter": False}
 
 
 @dataclass(frozen=True)
 class Variant:
     doc: str
-    stage: Optional[int] = None  # None: PyTorch alone, no DeepSpeed
-    zero: Dict[str, Any] = field(default_factory=dict)  # overrides of the shipped JSON's zero_optimization
-    leaf: str = ""  # "" | "block": each transformer Block one ZeRO-3 leaf | "stack": each whole block stack
-    #                 (encoder, decoder) one leaf (train.py's default)
-    compile_blocks: bool = False  # torch.compile each Block's forward (DeepSpeed's hooks stay outside, eager)
-    deepcompile: bool = False  # DeepSpeed's DeepCompile: engine.compile() with the "z3" pass (hooks removed)
-    engine_compile: bool = False  # engine.compile() without DeepCompile: torch.compile of the whole module
-    # DeepSpeed's "torch_autocast" instead of "bf16": fp32 weights, autocast in the engine's forward, no bf16
-    # master-weight optimizer wrapper (gathers still move bf16: Linear weights get comm_dtype bfloat16)
-    autocast: bool = False
-    fused: bool = False  # each Block's parameters packed into two flat tensors (mae_st.engine.fused_params)
+    engine: Optional[EngineOverrides] = None  # None: PyTorch alone
+    packed: bool = False  # eager only: packed blocks (DeepSpeed variants follow their EngineOverrides)
+    compile_blocks: bool = False  # torch.compile each block's forward (DeepSpeed's hooks stay outside, eager)
+    deepcompile: bool = False  # DeepSpeed's DeepCompile: engine.compile() (its engine needs compile.deepcompile)
 
 
 VARIANTS: Dict[str, Variant] = {
-    "eager": Variant("PyTorch alone: bf16 autocast, fp32 weights, fused AdamW"),
-    "eager-compile": Variant("PyTorch alone + torch.compile of every Block's forward: the ceiling",
-                             compile_blocks=True),
-    "z0": Variant("DeepSpeed ZeRO-0 (bf16)", 0),
-    "z2": Variant("ZeRO-2 (bf16)", 2),
-    "z2-nooverlap": Variant("ZeRO-2 without overlap_comm", 2, NO_OVERLAP),
-    "z3": Variant("ZeRO-3, shipped JSON, per-module gathers", 3),
-    "z3-persist": Variant("ZeRO-3, per-module gathers, every parameter kept gathered", 3, PERSIST_ALL),
-    "z3-leaf": Variant("ZeRO-3, each Block a leaf (train.py until 2026-11-28)", 3, leaf="block"),
-    "z3-leaf-nooverlap": Variant("z3-leaf without overlap_comm", 3, NO_OVERLAP, leaf="block"),
-    "z3-leaf-nomel": Variant("z3-leaf + memory_efficient_linear off (torch's own F.linear)", 3, NATIVE_LINEAR,
-                             leaf="block"),
-    "z3-leaf-fast": Variant("z3-leaf-nomel + all parameters persistent + one model-sized gradient bucket, "
-                            "all-reduced in place (reduce_scatter off)", 3, FAST, leaf="block"),
-    "z3-stack-fast": Variant("z3-leaf-fast with the encoder's and the decoder's whole block stacks as the "
-                             "two leaves (2 gathers/hook sets a step instead of 36)", 3, FAST, leaf="stack"),
-    "z3-fast-compile": Variant("z3-leaf-fast + torch.compile of every Block's forward inside the leaf hooks",
-                               3, FAST, leaf="block", compile_blocks=True),
-    "z3-fast-engcompile": Variant("z3-leaf-fast + engine.compile() (DeepSpeed's torch.compile of the whole "
-                                  "module; its ZeRO-3 hooks are compiler-disabled, so graphs break around them)",
-                                  3, FAST, leaf="block", engine_compile=True),
-    "z0-autocast": Variant("DeepSpeed ZeRO-0 with torch_autocast (fp32 weights, bf16 autocast) instead of bf16: "
-                           "the eager recipe inside the engine", 0, autocast=True),
-    "z3-leaf-nomel-autocast": Variant("z3-leaf-nomel with torch_autocast instead of bf16", 3, NATIVE_LINEAR,
-                                      leaf="block", autocast=True),
-    "eager-fused": Variant("eager with each Block's 16 parameter tensors packed into 2 flat ones", fused=True),
-    "z0-fused": Variant("z0 with each Block's parameters packed into 2 flat tensors", 0, fused=True),
-    "z3-leaf-nomel-fused": Variant("z3-leaf-nomel with each Block's parameters packed into 2 flat tensors", 3,
-                                   NATIVE_LINEAR, leaf="block", fused=True),
-    "z3-stack-nomel": Variant("z3-leaf-nomel with the encoder's and the decoder's whole block stacks as the two "
-                              "leaves", 3, NATIVE_LINEAR, leaf="stack"),
-    "z3-stack-nomel-fused": Variant("z3-stack-nomel with each Block's parameters packed into 2 flat tensors: "
-                                    "what train.py runs", 3, NATIVE_LINEAR, leaf="stack", fused=True),
-    "z3-deepcompile": Variant("ZeRO-3 shipped JSON + DeepSpeed DeepCompile (compile.deepcompile, "
-                              "engine.compile(): gathers/reduces in the compiled graph, no hooks; CUDA only; "
-                              "on Hopper set TORCH_CUDA_ARCH_LIST=9.0, its op build fails on '9.0a'; its first "
-                              "ViT-H step took over 4 minutes to compile on an H100)",
-                              3, deepcompile=True),
+    "eager": Variant("PyTorch alone: bf16 autocast over fp32 weights, fused AdamW, plain blocks"),
+    "eager-packed": Variant("eager with packed blocks", packed=True),
+    "eager-compile": Variant("eager + torch.compile of every block's forward: the ceiling", compile_blocks=True),
+    "z3": Variant("train.py's engine: ZeRO-3 bf16, packed blocks, block-stack leaves, aligned views",
+                  EngineOverrides()),
+    "z3-unaligned": Variant("z3 with the parameter order used before 2026-12 (single-GPU views 8-byte aligned "
+                            "for the MAE)", EngineOverrides(align_views=False)),
+    "z3-autocast": Variant("z3 with DeepSpeed's torch_autocast (fp32 weights, bf16 autocast) instead of bf16",
+                           EngineOverrides(torch_autocast=True)),
+    "z3-nopack": Variant("z3 without packed blocks (--no_fuse_block_params)", EngineOverrides(fuse_block_params=False)),
+    "z3-nopack-unaligned": Variant("z3-nopack in the order used before 2026-12",
+                                   EngineOverrides(fuse_block_params=False, align_views=False)),
+    "z3-blockleaf": Variant("z3 with each transformer block a ZeRO-3 leaf instead of each stack",
+                            EngineOverrides(leaves="block")),
+    "z3-noleaf": Variant("z3 with DeepSpeed's per-layer gathers (no leaf modules)", EngineOverrides(leaves="none")),
+    "z3-mel": Variant("z3 with memory_efficient_linear on (DeepSpeed's Python F.linear)",
+                      EngineOverrides(memory_efficient_linear=True)),
+    "z3-persist": Variant("z3 with every parameter kept gathered", EngineOverrides(zero=PERSIST_ALL)),
+    "z3-compile": Variant("z3 + torch.compile of every packed block's forward inside the leaf hooks",
+                          EngineOverrides(), compile_blocks=True),
+    "z3-deepcompile": Variant("ZeRO-3 + DeepSpeed DeepCompile (CUDA only; on Hopper set TORCH_CUDA_ARCH_LIST=9.0; "
+                              "its first ViT-H step compiled for over 4 minutes on an H100)",
+                              EngineOverrides(ds={"compile": {"deepcompile": True}}), deepcompile=True),
+    "z2": Variant("ZeRO-2 bf16, packed blocks", EngineOverrides(zero_stage=2)),
+    "z0": Variant("ZeRO-0 bf16 (DeepSpeed's bf16 optimizer), packed blocks", EngineOverrides(zero_stage=0)),
+    "z0-autocast": Variant("ZeRO-0 with torch_autocast", EngineOverrides(zero_stage=0, torch_autocast=True)),
 }
-DEFAULT_VARIANTS = "eager,eager-fused,z0,z0-fused,z3-leaf-nomel,z3-leaf-nomel-fused,z3-stack-nomel-fused"
+ISSUE16_VARIANTS = "eager,z3,z3-unaligned,z3-autocast,z3-nopack,z0"
+# (label, mode, model, clips) of the issue-16 suite, most telling first (a budget cut drops the last ones)
+ISSUE16_SUITE = (("ViT-H/14 pretrain, 16 clips", "pretrain", "mae_vit_huge_patch14", 16),
+                 ("ViT-H/14 finetune, 8 clips", "finetune", "vit_huge_patch14", 8),
+                 ("ViT-B/16 finetune, 16 clips", "finetune", "vit_base_patch16", 16),
+                 ("ViT-H/14 pretrain, 64 clips", "pretrain", "mae_vit_huge_patch14", 64))
+TINY_MODELS = {"pretrain": "mae_vit_tiny_patch8", "finetune": "vit_tiny_patch8"}
 
 
-# Drop path that compiles once -----------------------------------------------------------------------------------
+# Drop path that compiles once ------------------------------------------------------------------------------------
 # timm's DropPath keeps its rate as a Python float, which torch.compile specialises on: the finetuning model's
 # 32 blocks (rates 0 .. 0.2) would each recompile, past dynamo's recompile limit (8), after which the remaining
-# blocks silently run eager. The compile variants swap in this equivalent one (a per-sample keep mask scaled by
-# 1/keep, as timm's scale_by_keep) with the rate in a buffer, so every block shares one graph. Pretraining's
-# blocks have no drop path (rate 0 is nn.Identity) and are left alone.
+# blocks silently run eager. Compile variants swap in this equivalent one (a per-sample keep mask scaled by
+# 1/keep, as timm's scale_by_keep) with the rate in a buffer, so every block shares one graph.
 
 class BufferedDropPath(nn.Module):
     def __init__(self, drop_prob: float, device: torch.device):
@@ -151,9 +128,10 @@ class BufferedDropPath(nn.Module):
         return x * (mask.to(x.dtype) / keep.to(x.dtype))
 
 
-def compile_blocks(model: nn.Module, device: torch.device) -> None:
-    """torch.compile each Block's forward alone: DeepSpeed's module hooks, outside it, stay eager."""
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each block's forward alone: DeepSpeed's module hooks, outside it, stay eager."""
+    blocks = [m for m in model.modules() if isinstance(m, (Block, PackedBlock))]
+    device = next(model.parameters()).device
     if any(not isinstance(block.drop_path, nn.Identity) for block in blocks):
         for block in blocks:
             block.drop_path = BufferedDropPath(getattr(block.drop_path, "drop_prob", 0.0), device)
@@ -161,108 +139,59 @@ def compile_blocks(model: nn.Module, device: torch.device) -> None:
         block.forward = torch.compile(block.forward)
 
 
-# Engines ---------------------------------------------------------------------------------------------------------
+# Configs and steps -----------------------------------------------------------------------------------------------
 
-def job_config(mode: str, model: str, clips: int, grad_checkpointing: bool, tiny: bool) -> JobConfig:
+def job_config(mode: str, model: str, clips: int, tiny: bool) -> JobConfig:
+    """train.py's config for `clips` clips a step: pretraining cuts them from one video, finetuning one each."""
     cfg = JobConfig()
-    cfg.run.mode = mode
-    cfg.model.grad_checkpointing = grad_checkpointing
+    cfg.run.mode, cfg.model.name = mode, model
     if mode == "pretrain":
-        cfg.model.name, cfg.data.repeat_aug, cfg.data.batch_size_per_gpu = model, clips, 1
+        cfg.data.batch_size_per_gpu, cfg.data.repeat_aug = 1, clips
     else:
-        cfg.model.name, cfg.model.drop_path_rate = model, 0.2
+        cfg.model.drop_path_rate = 0.2
         cfg.data.batch_size_per_gpu, cfg.data.repeat_aug = clips, 1
-    if tiny:  # mae_vit_tiny_patch8's own small decoder, 32 px: a CPU runs a step in well under a second
+    if tiny:  # 32 px, the tiny MAE's own small decoder: a CPU runs a step in well under a second
         cfg.data.img_size = 32
         cfg.model.decoder_embed_dim, cfg.model.decoder_depth, cfg.model.decoder_num_heads = 32, 1, 4
     return cfg
 
 
-def tiny_model_of_depth(mode: str, depth: int) -> str:
-    """Registers (once) and names the tiny model (64 wide, patch 8) with `depth` encoder blocks and, for the MAE,
-    4 decoder blocks: ViT-H's 32 + 4 blocks, so a CPU run meets as many ZeRO-3 hooks per step as the GPU does."""
-    from mae_st.models.mae import _mae
-    from mae_st.models.vit import _vit
-
-    family = "mae" if mode == "pretrain" else "classifier"
-    name = f"{'mae_vit' if family == 'mae' else 'vit'}_tiny_patch8_depth{depth}"
-    if name not in list_models():
-        def factory(**kwargs):
-            if family == "mae":
-                return _mae(8, 64, depth, 4, **{**kwargs, "decoder_depth": 4})
-            return _vit(8, 64, depth, 4, **kwargs)
-
-        factory.__name__ = name
-        register_model(family)(factory)
-    return name
+def flops_per_clip(cfg: JobConfig) -> float:
+    with torch.device("meta"):  # the plain model's sizes; nothing allocated
+        return train_flops_per_clip(build_model(cfg.model, cfg.data.img_size, cfg.data.num_frames))
 
 
-def make_step(name: str, cfg: JobConfig, device: torch.device, lr: float):
-    """(step function taking clips, module, engine or None) for one variant."""
-    variant = VARIANTS[name]
-    if variant.deepcompile and device.type != "cuda":
+def make_step(variant: Variant, cfg: JobConfig, env, lr: float):
+    """(step(clips, targets) -> loss tensor or None, engine or None, input dtype) for one variant."""
+    if variant.deepcompile and env.device.type != "cuda":
         raise RuntimeError("DeepCompile needs CUDA: DeepSpeed JIT-builds its 'dc' op against CUDA and NCCL")
-    torch.manual_seed(0)  # the same initial weights for every variant
-    with torch.device(device):
-        model = build_model(cfg.model, cfg.data.img_size, cfg.data.num_frames)
-    finetune = cfg.run.mode == "finetune"
-    labels = torch.zeros(cfg.data.batch_size_per_gpu * cfg.data.repeat_aug, dtype=torch.long, device=device)
-
-    def loss_of(module, clips):
-        out = module(clips)
-        return F.cross_entropy(out.float(), labels) if finetune else out[0]
-
-    if variant.compile_blocks:
-        compile_blocks(model, device)
-    if variant.fused:
-        fuse_block_parameters(model, weight_decay_rule(model, cfg.optim.bias_wd))
-
-    if variant.stage is None:
-        optimizer = build_optimizer(model, cfg.optim, finetune, device)
+    loss_fn = build_loss_fn(cfg.run.mode, cfg.data.smoothing)
+    if variant.engine is None:
+        model = build_train_model(cfg, env, EngineOverrides(fuse_block_params=variant.packed))
+        if variant.compile_blocks:
+            compile_blocks(model)
+        optimizer = build_optimizer(model, cfg.optim, cfg.run.mode == "finetune", env.device)
         apply_lr(optimizer, lr)
 
-        def eager_step(clips):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = loss_of(model, clips)
+        def eager_step(clips, targets):
+            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.on_gpu):
+                loss = loss_fn(model, clips, targets)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return loss
+            return loss.detach()
 
-        return eager_step, model, None
+        return eager_step, None, torch.float32
 
-    import deepspeed
-    from deepspeed.utils import set_z3_leaf_modules
-
-    cfg.run.zero_stage = variant.stage
-    ds = fill_ds_config(load_ds_config(default_ds_config_path(cfg.run.mode)), cfg, 1,
-                        bf16_supported=device.type == "cuda")
-    zero = dict(variant.zero)
-    if zero.get("reduce_bucket_size") == "model":
-        zero["reduce_bucket_size"] = sum(p.numel() for p in model.parameters()) + 1
-    ds["zero_optimization"].update(zero)
+    built = build_engine(cfg, env, variant.engine, prepare=compile_blocks if variant.compile_blocks else None)
+    apply_lr(built.engine.optimizer, lr)
     if variant.deepcompile:
-        ds["compile"] = {"deepcompile": True}
-    if variant.autocast:
-        ds["bf16"] = {"enabled": False}
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    if variant.leaf == "block":
-        set_z3_leaf_modules(model, [Block])
-    elif variant.leaf == "stack":
-        set_z3_leaf_modules(model, [BlockStack])  # = mae_st.engine.zero.gather_block_stacks_under_zero3
-    optimizer = build_optimizer(model, cfg.optim, finetune, device)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
-    apply_lr(engine.optimizer, lr)
-    if variant.deepcompile or variant.engine_compile:
-        engine.compile()
-
-    def engine_step(clips):
-        loss = loss_of(engine, clips)
-        engine.backward(loss)
-        engine.step()
-        return loss
-
-    return engine_step, engine.module, engine
+        built.engine.compile()
+    # the Trainer's own micro-step: what train.py runs per batch (its logger is a no-op off the main rank)
+    trainer = Trainer(built.engine, cfg, env, built.loss_fn, RunLogger("", is_main=False, resumed=False), lr, 1,
+                      StopSignal())
+    state = TrainState()
+    return (lambda clips, targets: trainer._micro_step(clips, targets, state)), built.engine, built.dtype
 
 
 def tear_down(engine) -> None:
@@ -274,168 +203,181 @@ def tear_down(engine) -> None:
             traceback.print_exc()
     F.linear = TORCH_LINEAR
     torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-# Measuring -------------------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-def time_steps(step, clips: torch.Tensor, warmup: int, steps: int):
-    """(seconds per step, seconds of the first step, last loss). The first step includes any compilation."""
+
+def time_steps(step, clips, targets, device, warmup: int, steps: int) -> Tuple[float, float, float]:
+    """(seconds per step, seconds of the first step, last loss); the first step includes any compilation."""
     torch.manual_seed(1)  # the same masks / drop paths for every variant
     started = time.perf_counter()
-    step(clips).item()
+    step(clips, targets)
+    sync(device)
     first = time.perf_counter() - started
     for _ in range(warmup - 1):
-        step(clips).item()
+        step(clips, targets)
+    sync(device)
     started = time.perf_counter()
     for _ in range(steps):
-        loss = step(clips)
-    last = loss.item()  # waits for the device
-    return (time.perf_counter() - started) / steps, first, last
+        loss = step(clips, targets)
+    sync(device)
+    seconds = (time.perf_counter() - started) / steps
+    return seconds, first, float("nan") if loss is None else float(loss)
+
+
+def profile_window(step, clips, targets, device, steps: int = 2) -> dict:
+    """Top GEMM kernels and host syncs per step over a short torch.profiler window."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(clips, targets)
+        sync(device)
+    averages = prof.key_averages()
+    syncs = sum(e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+    return {"gemm kernels": gemm_kernels(prof, top=3) if device.type == "cuda" else [],
+            "syncs/step": round(syncs / steps, 1)}
 
 
 def matmul_tflops(device: torch.device, seconds: float = 1.0) -> float:
     """Dense matmul rate (bf16 8192^3 on a GPU, fp32 1024^3 on a CPU): the MFU denominator."""
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):
         a @ b
-    sync()
+    sync(device)
     started, iterations = time.perf_counter(), 0
     while time.perf_counter() - started < seconds or iterations < 5:
         a @ b
         iterations += 1
         if iterations % 10 == 0:
-            sync()
-    sync()
+            sync(device)
+    sync(device)
     return 2 * n**3 * iterations / (time.perf_counter() - started) / 1e12
 
 
-def print_profile(step, clips: torch.Tensor, rows: int = 15) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        for _ in range(3):
-            step(clips).item()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
-    if torch.cuda.is_available():
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
-
-
-def measure(name: str, cfg: JobConfig, device: torch.device, args, peak_tflops: float) -> dict:
-    cuda = device.type == "cuda"
+def measure(name: str, cfg: JobConfig, env, args, peak: float, flops: float) -> dict:
+    cuda = env.on_gpu
+    clips_per_step = cfg.data.batch_size_per_gpu * cfg.data.repeat_aug
     engine = None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     try:
         started = time.perf_counter()
-        step, module, engine = make_step(name, cfg, device, args.lr)
+        step, engine, dtype = make_step(VARIANTS[name], cfg, env, args.lr)
         build = time.perf_counter() - started
-        flops = train_flops_per_clip(module)
-        dtype = torch.bfloat16 if engine is not None and engine.bfloat16_enabled() else torch.float32
         torch.manual_seed(2)
-        clips = torch.randn(args.clips, 3, cfg.data.num_frames, cfg.data.img_size, cfg.data.img_size,
-                            device=device, dtype=dtype)
+        clips = torch.randn(clips_per_step, 3, cfg.data.num_frames, cfg.data.img_size, cfg.data.img_size,
+                            device=env.device, dtype=dtype)
+        targets = torch.zeros(clips_per_step, dtype=torch.long, device=env.device)
         # DeepCompile recompiles at its 5th step (deepspeed/compile/init_z3.py WARMUP) to add its prefetch passes
         warmup = max(args.warmup, 7) if VARIANTS[name].deepcompile else args.warmup
-        seconds, first, loss = time_steps(step, clips, warmup, args.steps)
-        tflops = args.clips * flops / seconds / 1e12
-        row = {"variant": name, "mode": args.mode, "clips": args.clips, "ckpt": args.grad_checkpointing,
-               "s/step": round(seconds, 4), "clips/s": round(args.clips / seconds, 1),
-               "TFLOP/s": round(tflops, 1 if cuda else 4), "MFU %": round(100 * tflops / peak_tflops, 1),
+        seconds, first, loss = time_steps(step, clips, targets, env.device, warmup, args.steps)
+        tflops = clips_per_step * flops / seconds / 1e12
+        row = {"variant": name, "s/step": round(seconds, 4), "clips/s": round(clips_per_step / seconds, 1),
+               "TFLOP/s": round(tflops, 1 if cuda else 4), "MFU %": round(100 * tflops / peak, 1),
                "peak GB": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
                "loss": round(loss, 5), "build s": round(build, 1), "first step s": round(first, 1)}
-        if VARIANTS[name].compile_blocks or VARIANTS[name].deepcompile or VARIANTS[name].engine_compile:
-            from torch._dynamo.utils import counters  # a recompile per block or a graph break shows here
-
-            row["graphs"] = counters["stats"]["unique_graphs"]
-            row["graph breaks"] = sum(counters["graph_break"].values())
-        if name in args.profile.split(","):
-            print(f"--- profile of {name}: 3 steps ---", flush=True)
-            print_profile(step, clips)
-        del step, module
+        if args.profile_steps:
+            row.update(profile_window(step, clips, targets, env.device, args.profile_steps))
+        del step
     except Exception as err:  # noqa: BLE001 -- one variant's failure must not cost the others
         traceback.print_exc()
         row = {"variant": name, "error": f"{type(err).__name__}: {err}"[:300]}
     finally:
         tear_down(engine)
         engine = None
-        gc.collect()
     return row
 
 
-def main() -> None:
+COLUMNS = ("s/step", "clips/s", "x eager", "MFU %", "peak GB", "loss", "syncs/step")
+
+
+def print_config_table(title: str, rows: List[dict]) -> None:
+    print(f"\n{title}")
+    print(f"{'variant':<21}" + "".join(f"{c:>11}" for c in COLUMNS) + "  top GEMM kernel")
+    for row in rows:
+        if "error" in row or "skipped" in row:
+            print(f"{row['variant']:<21}  {row.get('error') or row.get('skipped')}")
+            continue
+        kernels = row.get("gemm kernels") or ["-"]
+        print(f"{row['variant']:<21}" + "".join(f"{str(row.get(c, '-')):>11}" for c in COLUMNS) + f"  {kernels[0]}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated; --list names them")
+    parser.add_argument("--suite", choices=["issue16"], help="run the issue-16 configurations (see above)")
+    parser.add_argument("--variants", default="", help=f"comma-separated (default {ISSUE16_VARIANTS}); --list")
     parser.add_argument("--list", action="store_true", help="print the variants and what each tests, then exit")
     parser.add_argument("--mode", default="pretrain", choices=["pretrain", "finetune"])
     parser.add_argument("--model", default="", help="default: mae_vit_huge_patch14 / vit_huge_patch14 by mode")
-    parser.add_argument("--tiny", action="store_true",
-                        help="mae_vit_tiny_patch8 / vit_tiny_patch8 at 32 px: checks every variant on a CPU")
-    parser.add_argument("--tiny_depth", type=int, default=0,
-                        help="with --tiny: that many encoder blocks (and 4 decoder blocks), e.g. 32 for ViT-H's "
-                             "count of ZeRO-3 hooks")
     parser.add_argument("--clips", type=int, default=16)
-    parser.add_argument("--grad_checkpointing", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="tiny models at 32 px, at most 2 clips: a CPU check")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (at least 1)")
+    parser.add_argument("--profile_steps", type=int, default=2, help="steps in the profiler window (0: none)")
     parser.add_argument("--lr", type=float, default=1e-4, help="a small lr, so `loss` shows wrong gradients")
-    parser.add_argument("--matmul_tflops", type=float, default=0.0,
-                        help="MFU denominator; 0 measures it (bf16 8192^3 matmul on a GPU, ~1 s)")
-    parser.add_argument("--profile", default="", help="variants (comma-separated) whose top operators to print")
-    parser.add_argument("--out", default="", help="write the rows as JSON here")
-    args = parser.parse_args()
+    parser.add_argument("--matmul_tflops", type=float, default=0.0, help="MFU denominator; 0 measures it")
+    parser.add_argument("--budget_s", type=float, default=540.0, help="rows that would start later are skipped")
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile_step.json"))
+    args = parser.parse_args(argv)
     if args.list:
         for name, variant in VARIANTS.items():
-            print(f"{name:<19}{variant.doc}")
+            print(f"{name:<21}{variant.doc}")
         return
-    names = [name for name in args.variants.split(",") if name]
-    unknown = [name for name in names if name not in VARIANTS]
+    names = [n for n in (args.variants or ISSUE16_VARIANTS).split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; --list names them")
     args.warmup = max(args.warmup, 1)
+    if args.suite:
+        configs = list(ISSUE16_SUITE)
+    else:
+        default = {"pretrain": "mae_vit_huge_patch14", "finetune": "vit_huge_patch14"}[args.mode]
+        configs = [(f"{args.mode}, {args.model or default}, {args.clips} clips", args.mode, args.model or default,
+                    args.clips)]
+    if args.tiny:
+        configs = [(f"{label} (tiny: {TINY_MODELS[mode]}, {min(clips, 2)} clips)", mode, TINY_MODELS[mode],
+                    min(clips, 2)) for label, mode, _, clips in configs]
 
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0"}.items():
-        os.environ.setdefault(key, value)
+    started = time.perf_counter()
+    env = start_one_rank_world()
     import deepspeed
 
-    cuda = torch.cuda.is_available()  # the CPU path only exists to check this script on a machine without a GPU
-    deepspeed.init_distributed("nccl" if cuda else "gloo")
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    default_model = {"pretrain": "mae_vit_huge_patch14", "finetune": "vit_huge_patch14"}
-    if args.tiny:
-        default_model = {"pretrain": "mae_vit_tiny_patch8", "finetune": "vit_tiny_patch8"}
-    model = args.model or default_model[args.mode]
-    if args.tiny and args.tiny_depth:
-        model = tiny_model_of_depth(args.mode, args.tiny_depth)
-    peak = args.matmul_tflops or matmul_tflops(device)
-    print(json.dumps({"device": torch.cuda.get_device_name(device) if cuda else "cpu", "model": model,
-                      "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                      "matmul TFLOP/s": round(peak, 1 if cuda else 4)}), flush=True)
-    rows = []
-    for name in names:
-        cfg = job_config(args.mode, model, args.clips, args.grad_checkpointing, args.tiny)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        row = measure(name, cfg, device, args, peak)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    columns = ("s/step", "clips/s", "TFLOP/s", "MFU %", "peak GB", "loss", "first step s")
-    print(f"\n{args.mode}, {model}, {args.clips} clips, matmul {peak:.4g} TFLOP/s")
-    print(f"{'variant':<19}" + "".join(f"{c:>13}" for c in columns))
-    for row in rows:
-        cells = ("".join(f"{str(row.get(c, '-')):>13}" for c in columns) if "error" not in row
-                 else "  " + row["error"])
-        print(f"{row['variant']:<19}{cells}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    peak = args.matmul_tflops or matmul_tflops(env.device)
+    header = {"device": torch.cuda.get_device_name(env.device) if env.on_gpu else "cpu", "torch": torch.__version__,
+              "deepspeed": deepspeed.__version__, "matmul TFLOP/s": round(peak, 1 if env.on_gpu else 4)}
+    print(json.dumps(header), flush=True)
+    report = {**header, "configs": []}
+    for label, mode, model, clips in configs:
+        cfg_rows: List[dict] = []
+        flops = flops_per_clip(job_config(mode, model, clips, args.tiny))
+        for name in names:
+            if time.perf_counter() - started > args.budget_s:
+                cfg_rows.append({"variant": name, "skipped": f"--budget_s {args.budget_s:.0f} used up"})
+                continue
+            row = measure(name, job_config(mode, model, clips, args.tiny), env, args, peak, flops)
+            cfg_rows.append(row)
+            print(json.dumps({"config": label, **row}), flush=True)
+        eager = next((r["clips/s"] for r in cfg_rows if r["variant"] == "eager" and "clips/s" in r), None)
+        for row in cfg_rows:
+            if eager and "clips/s" in row:
+                row["x eager"] = round(row["clips/s"] / eager, 2)
+        report["configs"].append({"config": label, "mode": mode, "model": model, "clips": clips, "rows": cfg_rows})
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))  # after every config: a later crash keeps these
+    print(f"\nmatmul {peak:.4g} TFLOP/s; x eager: clips/s over eager's in the same run; syncs/step in the profiler "
+          "window")
+    for config in report["configs"]:
+        print_config_table(config["config"], config["rows"])
+    print(f"\nwrote {args.out} ({time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class EngineOverrides:
     torch_autocast: bool = False  # DeepSpeed's torch_autocast (fp32 weights, bf16 autocast) instead of its bf16 engine
     memory_efficient_linear: Optional[bool] = None  # None: the JSON's (off in the shipped GPU JSONs)
     zero: Dict[str, Any] = field(default_factory=dict)  # further zero_optimization keys (persistence, buckets, ...)
+    ds: Dict[str, Any] = field(default_factory=dict)  # further top-level DeepSpeed keys (e.g. "compile")
     # parameters ordered so ZeRO-3's single-GPU views start 256-byte aligned (mae_st.engine.zero); False gives the
     # order used before 2026-12, to measure what alignment pays
     align_views: bool = True
@@ -85,6 +86,7 @@ def build_ds_config(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = E
     if overrides.torch_autocast:
         ds["bf16"] = {"enabled": False}
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    ds.update(overrides.ds)
     return ds
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
+import torch
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -17,25 +17,29 @@ LOG_NAME = "log.jsonl"
 
 
 class IntervalMeter:
-    """Accumulates one logging interval: mean loss, clips/s and the share of wall time spent waiting for data."""
+    """Accumulates one logging interval: mean loss, clips/s and the share of wall time spent waiting for data.
+
+    Losses are summed where they were computed (the GPU) and read once per interval, in `summary`."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.started = time.perf_counter()
-        self.loss_sum, self.losses, self.clips, self.data_wait = 0.0, 0, 0, 0.0
+        self.loss_sum: Union[float, torch.Tensor] = 0.0
+        self.losses, self.clips, self.data_wait = 0, 0, 0.0
 
-    def add(self, loss: float, clips: int, data_wait: float) -> None:
-        if math.isfinite(loss):
-            self.loss_sum, self.losses = self.loss_sum + loss, self.losses + 1
+    def add(self, loss: Optional[torch.Tensor], clips: int, data_wait: float) -> None:
+        """`loss`: the step's loss tensor, None for a step skipped for a non-finite loss."""
+        if loss is not None:
+            self.loss_sum, self.losses = loss.detach().float() + self.loss_sum, self.losses + 1
         self.clips += clips
         self.data_wait += data_wait
 
     def summary(self, world_size: int) -> Dict[str, float]:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         return {
-            "loss": self.loss_sum / self.losses if self.losses else float("nan"),
+            "loss": float(self.loss_sum) / self.losses if self.losses else float("nan"),
             "clips_per_s": self.clips * world_size / elapsed,  # every rank runs the same step count
             "data_wait_frac": min(self.data_wait / elapsed, 1.0),
         }

@@ -64,7 +64,8 @@ def gathered_weight_offsets(model: nn.Module, param_groups: Sequence[Dict[str, A
     for group in param_groups:
         for param in group["params"]:
             offsets[names[id(param)]] = cursor if world_size == 1 else 0
-            cursor += -(-param.numel() // world_size)  # the partition's size: ceil(numel / world size)
+            numel = getattr(param, "ds_numel", param.numel())  # a ZeRO-3 partitioned parameter holds no data
+            cursor += -(-numel // world_size)  # the partition's size: ceil(numel / world size)
     for name, module in model.named_modules():
         if isinstance(module, PackedBlock):
             for flat, slots in module.layout.slots.items():
