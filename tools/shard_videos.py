@@ -3,6 +3,7 @@
     python tools/shard_videos.py --data_dirs raw/train --out_dir shards/train --prefix train
     python tools/shard_videos.py --file_list val.csv --out_dir shards/val --prefix val --short_side 320
     python tools/shard_videos.py --data_dirs footage/ --no_labels --segment_seconds 10 --out_dir shards/pretrain
+    python tools/shard_videos.py --verify shards/train [--decode]   # check a copied set before a long run
 
 Inputs: video files found recursively under --data_dirs (by their extension: .mp4, .mkv, .webm, .mov, .avi, ...,
 SCANNED_VIDEO_EXTS in mae_st/data/packing/inputs.py), labelled by their class folder (the first folder below the
@@ -84,8 +85,36 @@ def parse_options(argv: Optional[List[str]] = None) -> PackOptions:
         progress=not args.no_progress)
 
 
+def verify(argv: List[str]) -> int:
+    """`--verify DIR [--decode]`: exit status 0 when every sample of the set reads back, 1 when some do not."""
+    from mae_st.data.shards import list_shards
+    from mae_st.data.verify import verify_shard_set
+
+    p = argparse.ArgumentParser(prog="shard_videos.py --verify", description="check a packed (or copied) shard "
+                                "set before a long run: sizes against the index files and manifest, every tar "
+                                "header and metadata member, and with --decode every video")
+    p.add_argument("--verify", required=True, metavar="DIR", help="shard folder, manifest.csv or brace pattern")
+    p.add_argument("--decode", action="store_true", help="also decode every video on the CPU (PyAV; slow)")
+    args = p.parse_args(argv)
+    try:
+        report = verify_shard_set(list_shards(args.verify), decode=args.decode)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"shard_videos: error: {err}", file=sys.stderr)
+        return 2
+    for tar in report.rebuilt_indexes:
+        print(f"index missing or unreadable: {tar} (runs rebuild it from the tar; the packer rewrites it)")
+    for bad in report.damaged:
+        print(f"damaged: {bad.key} in {bad.tar}: {bad.reason}")
+    print(f"{len(report.damaged)} damaged of {report.samples} samples, {len(report.rebuilt_indexes)} missing "
+          f"indexes in {args.verify}")
+    return 1 if report.damaged or report.rebuilt_indexes else 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Exit status 0 when something was packed (or listed by --dry_run), 1 when nothing could be, 2 on bad usage."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg == "--verify" or arg.startswith("--verify=") for arg in argv):
+        return verify(argv)
     options = parse_options(argv)
     try:
         result = pack_videos(options)

@@ -2,7 +2,9 @@
 or SIGTERM, and multi-view evaluation for finetuning.
 
 Position bookkeeping counts micro-batches (what the data iterator delivered); DeepSpeed counts optimizer steps.
-A run resumes at (epoch, step_in_epoch) by re-iterating that epoch's order and skipping what was consumed.
+A run resumes at (epoch, step_in_epoch): the loader starts that epoch at that step (`set_epoch(epoch, step)`),
+and every random draw of a step (the batch transform's mixup/cutmix and erasing, masks, drop path) comes from
+generators seeded by (seed, rank, step), so the resumed run repeats the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mae_st.config import JobConfig
+from mae_st.data.augment import BatchTransform
 from mae_st.data.views import MultiViewAggregator
 from mae_st.engine.checkpoint import save_checkpoint
 from mae_st.engine.distributed import DistEnv, any_rank, seed_step
@@ -89,8 +92,10 @@ class Trainer:
     """Runs epochs of micro-steps on `engine`; owns the schedule, skipping and save policy."""
 
     def __init__(self, engine, cfg: JobConfig, env: DistEnv, loss_fn: LossFn, logger: RunLogger,
-                 peak_lr: float, steps_per_epoch: int, stop: StopSignal):
+                 peak_lr: float, steps_per_epoch: int, stop: StopSignal,
+                 batch_transform: Optional[BatchTransform] = None):
         self.engine, self.cfg, self.env, self.loss_fn, self.logger = engine, cfg, env, loss_fn, logger
+        self.batch_transform = batch_transform
         self.peak_lr, self.steps_per_epoch, self.stop = peak_lr, steps_per_epoch, stop
         self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
         self.nonfinite_streak = 0
@@ -108,9 +113,13 @@ class Trainer:
         self.logger.start_epoch(state.epoch, total, state.step_in_epoch)
         while state.step_in_epoch < total:
             started = time.perf_counter()
-            clips, targets = next(batches)
+            batch = next(batches)
             data_wait = time.perf_counter() - started
             lr = self._set_lr(state)
+            seed_step(self.cfg.run.seed, self.env.rank, state.global_step)
+            clips, targets = batch.clips, batch.labels
+            if self.batch_transform is not None:
+                clips, targets = self.batch_transform(clips, targets)
             loss = self._micro_step(clips, targets, state)
             meter.add(loss, clips.shape[0], data_wait)
             state.step_in_epoch += 1
@@ -122,6 +131,7 @@ class Trainer:
                 self.save_pending = True
             if state.step_in_epoch < total:  # the epoch's last step is saved by `save_at_epoch_end`
                 self._save_if_due(state)
+        self._log_data(loader, state)
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
         self.logger.end_epoch()
 
@@ -132,12 +142,14 @@ class Trainer:
         self._save_if_due(state)
 
     def _batches_from(self, loader: Iterable, state: TrainState) -> Iterator:
-        """This epoch's batches, after skipping the ones a resumed run already consumed."""
-        loader.set_epoch(state.epoch)
-        batches = iter(loader)
-        for _ in range(state.step_in_epoch):
-            next(batches)
-        return batches
+        """This epoch's batches from state.step_in_epoch on (a resumed run's position)."""
+        loader.set_epoch(state.epoch, state.step_in_epoch)
+        return iter(loader)
+
+    def _log_data(self, loader, state: TrainState) -> None:
+        """The data source's counters (samples, bad samples and their keys) as a log.jsonl record."""
+        self.logger.write({"kind": "data", "epoch": state.epoch, "global_step": state.global_step,
+                           **loader.stats_record()})
 
     def _set_lr(self, state: TrainState) -> float:
         lr = lr_at(state.epoch + state.step_in_epoch / self.steps_per_epoch, self.peak_lr, self.cfg.optim)
@@ -148,7 +160,6 @@ class Trainer:
         """Forward, then backward + step unless any rank's loss is non-finite; returns the detached loss where it
         was computed (None if skipped). It is read on the host only at log intervals (IntervalMeter): a `.item()`
         per step would make the host wait for the GPU to finish the step before launching the next one."""
-        seed_step(self.cfg.run.seed, self.env.rank, state.global_step)
         loss = self.loss_fn(self.engine, clips.to(self.dtype), targets)
         # The step's one host sync: whether any rank's loss is non-finite decides whether backward runs. The flags
         # are written on the device (a host tensor copied there would sync once more), reduced in one all-reduce
@@ -228,10 +239,10 @@ def evaluate(engine, loader: Iterable, num_classes: int, device: torch.device, d
             break
         if batch is None and last is None:
             raise RuntimeError("this rank has no evaluation videos while others do; use fewer ranks or more videos")
-        clips = (batch or last)[0]
+        clips = (batch or last).clips
         logits = engine(clips.to(dtype))
         if batch is not None:
-            aggregator.update(logits, batch[1], batch[2])
+            aggregator.update(logits, batch.labels, batch.video_ids)
             last = batch
     aggregator.all_gather()
     return aggregator.accuracy()
