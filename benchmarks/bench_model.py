@@ -1,8 +1,8 @@
 """Sections `matmul`, `model` and `e2e`: the GPU's dense bf16 rate, the MAE-ST/ViT training step inside the
 DeepSpeed engine train.py builds, and that step fed by the real DALI pipeline instead of resident clips.
 
-The engine is assembled from train.py's own parts (`build_model`, `build_optimizer`, the shipped DeepSpeed
-JSON completed by `fill_ds_config`, `build_loss_fn`), so the step measured is the step trained. A step is
+The engine is built by train.py's builder (mae_st.engine.build.build_engine: model, packing, optimizer, the
+shipped DeepSpeed JSON completed from the flags, leaves, loss), so the step measured is the step trained. A step is
 forward, backward, optimizer step and one `loss.item()`, as `Trainer` does. TFLOP/s counts matmul and attention
 FLOPs (benchmarks/flops.py, 3x forward); MFU divides them by the measured matmul rate.
 """
@@ -35,7 +35,7 @@ class StepVariant:
     mode: str  # pretrain | finetune
     zero_stage: int
     grad_checkpointing: bool = False
-    compile_blocks: bool = False  # torch.compile each transformer block (ZeRO 0 only: stage 3 swaps parameters)
+    compile_blocks: bool = False  # torch.compile each transformer block
 
 
 VARIANTS = {
@@ -146,29 +146,20 @@ def measure_step(cfg: JobConfig, variant: StepVariant, env, sizes: Sizes, deadli
 
 
 def build_engine(cfg: JobConfig, env, compile_blocks: bool = False) -> Tuple[object, float, torch.dtype]:
-    """(DeepSpeed engine, training FLOPs per clip, input dtype) exactly as train.py assembles them."""
-    import deepspeed
-
-    from mae_st.engine.ds_config import default_ds_config_path, fill_ds_config, load_ds_config, uses_bf16
-    from mae_st.engine.fused_params import fuse_block_parameters
-    from mae_st.engine.optim import build_optimizer, weight_decay_rule
-    from mae_st.engine.zero import gather_block_stacks_under_zero3
+    """(DeepSpeed engine, training FLOPs per clip, input dtype), built by train.py's own builder."""
+    from mae_st.engine.build import build_engine as build_train_engine
     from mae_st.models import build_model
 
-    with torch.device(env.device):  # initialising on the GPU takes seconds where ViT-H on the CPU takes minutes
-        model = build_model(cfg.model, cfg.data.img_size, cfg.data.num_frames)
-    flops_per_clip = train_flops_per_clip(model)
-    if compile_blocks:
-        for block in model.blocks:
-            block.compile()
-    elif cfg.run.fuse_block_params:  # packing binds plain tensors per call, which compiled blocks would guard on
-        fuse_block_parameters(model, weight_decay_rule(model, cfg.optim.bias_wd))
-    optimizer = build_optimizer(model, cfg.optim, cfg.run.mode == "finetune", env.device)
-    ds_config = fill_ds_config(load_ds_config(default_ds_config_path(cfg.run.mode)), cfg, env.world_size,
-                               bf16_supported=env.on_gpu)
-    gather_block_stacks_under_zero3(model, ds_config)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    return engine, flops_per_clip, torch.bfloat16 if uses_bf16(ds_config) else torch.float32
+    with torch.device("meta"):  # FLOPs from the plain model's sizes; nothing allocated
+        flops_per_clip = train_flops_per_clip(build_model(cfg.model, cfg.data.img_size, cfg.data.num_frames))
+
+    def compile_each_block(model) -> None:  # packed blocks compute on views of their flat tensors: no rebinding
+        for stack in (model.blocks, getattr(model, "decoder_blocks", [])):
+            for block in stack:
+                block.compile()
+
+    built = build_train_engine(cfg, env, prepare=compile_each_block if compile_blocks else None)
+    return built.engine, flops_per_clip, built.dtype
 
 
 def train_step(engine, loss_fn, batch) -> float:
