@@ -2,7 +2,7 @@
 misaligned weights? (issue 16: under ZeRO-3 ViT-H's GEMMs ran on `cutlass_80_tensorop_bf16_s16816gemm` kernels
 instead of Hopper's `nvjet_sm90_*`.)
 
-On the GPU machine (one H200, about 2 minutes; writes $OUT/gemm_alignment.json):
+On the GPU machine (one H200, about 3 minutes; writes $OUT/gemm_alignment.json):
 
     python3 benchmarks/gemm_alignment.py --out $OUT/gemm_alignment.json
 
@@ -268,7 +268,7 @@ def gemm_rows(blas: str) -> List[dict]:
             cases["transposed view"] = (weight_at(k, n, 512).t(), bias)  # strides (1, n)
             padded = torch.randn(n, k + 8, device="cuda", dtype=torch.bfloat16)
             cases["row stride k+8"] = (padded[:, :k], bias)
-            cases["bias view @ 8 B"] = (weight_at(n, k, 512), torch.empty(n + 8, device="cuda",
+            cases["bias view @ 8 B"] = (weight_at(n, k, 512), torch.randn(n + 8, device="cuda",
                                                                           dtype=torch.bfloat16)[4:4 + n])
             flops = 2 * m * n * k
             for case, (w, b) in cases.items():
