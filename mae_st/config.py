@@ -55,6 +55,9 @@ class DataConfig:
     repeat_aug: int = 1
     batch_size_per_gpu: int = 2  # videos per GPU micro-step; clips per step = batch_size_per_gpu * repeat_aug
     decode_device: str = "auto"  # auto | gpu | cpu
+    # auto: reused NVDEC sessions (PyNvVideoCodec) when decoding video on a GPU and the library loads, else DALI's
+    # decoder; nvdec | dali force one; pyav decodes on CPU threads (any codec) and augments like the others
+    decoder: str = "auto"
     # jpeg-payload shards with decode on the GPU: decode the frames with libjpeg-turbo on the DALI threads ("cpu")
     # and move the clips to the GPU, or with nvJPEG ("gpu"); docs/performance.md compares them
     jpeg_decode_device: str = "cpu"
@@ -246,6 +249,9 @@ def _add_data_flags(d) -> None:
     _value(d, "--sampling_rate", "data.sampling_rate", int, "stride between a clip's frames, in source frames")
     _value(d, "--repeat_aug", "data.repeat_aug", int, "clips cut from every decoded video (decoded once, sampled "
            "this many times)")
+    _value(d, "--decoder", "data.decoder", str, "what decodes video: auto (reused NVDEC sessions through "
+           "PyNvVideoCodec on a GPU when it loads, else DALI's decoder), nvdec, dali, or pyav (CPU threads)",
+           choices=("auto", "nvdec", "dali", "pyav"))
     _value(d, "--num_threads", "data.num_threads", int, "DALI CPU threads per GPU in total: each of the "
            "--pipelines_per_gpu pipelines gets max(1, num_threads // pipelines_per_gpu)")
     _value(d, "--max_bad_sample_fraction", "data.max_bad_sample_fraction", float, "the run stops when more than "

@@ -87,7 +87,7 @@ class ClipStream:
                  mode: str, seed: int, epoch: int, device: torch.device, decoder: str = "nvdec",
                  half: bool = False, on_failure: Optional[Callable[[SampleFailure], None]] = None,
                  drop_last: bool = False, reader: Optional[ClipReader] = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, pipeline_seed: Optional[int] = None):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
         self.batch_size, self.device, self.drop_last, self.on_failure = batch_size, device, drop_last, on_failure
@@ -102,7 +102,8 @@ class ClipStream:
         spec = ExternalSpec(batch_size=batch_size,
                             clips_per_sample=cfg.repeat_aug if training else cfg.test_num_ensemble_views,
                             device_id=_device_id(device) if on_gpu else None,
-                            frames_on_gpu=decoder == "nvdec", seed=_pipeline_seed(seed, epoch), half=half)
+                            frames_on_gpu=decoder == "nvdec", half=half,
+                            seed=_pipeline_seed(seed, epoch) if pipeline_seed is None else pipeline_seed)
         self.pipe = build_external_pipeline(spec, cfg, mode, training)
         plan = ClipPlan(cfg, training, seed, epoch)
         self._results = self.reader.read(plan.request(ref) for ref in samples)

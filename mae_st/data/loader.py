@@ -7,11 +7,11 @@ DataConfig.max_bad_sample_fraction of the set. Every epoch, a shard whose size o
 An epoch (`mae_st.data.epoch_plan`): the tars in an order drawn from (seed, epoch), cut into one contiguous part
 per rank, and each part into one slice per concurrent pipeline (DataConfig.pipelines_per_gpu: DALI's video
 decoder works through a batch's videos one after another, so k pipelines keep k videos decoding at once). Each
-slice is a `DaliStream`; the step -> stream order is fixed by the slices' batch counts. Training runs `len(loader)`
+slice is a `Stream`; the step -> stream order is fixed by the slices' batch counts. Training runs `len(loader)`
 = (samples // world) // batch steps on every rank (drop_last); evaluation reads every sample of its part once.
 `set_epoch(epoch, start_step)` starts an epoch at any step without reading the steps before it.
 
-Bad samples met while reading are skipped (`mae_st.data.dali_stream`) and, with a `state_dir`, remembered there
+Bad samples met while reading are skipped (`mae_st.data.stream`) and, with a `state_dir`, remembered there
 for resumed runs (`mae_st.data.bad_samples`). Mixup/cutmix and random erasing are not applied here: they are the
 trainer's batch transform (`mae_st.data.augment.build_batch_transform`), seeded by the step.
 """
@@ -32,7 +32,7 @@ import torch
 from mae_st.config import DataConfig
 from mae_st.data.bad_samples import BadSample, BadSampleRegistry
 from mae_st.data.batch import Batch
-from mae_st.data.dali_stream import DaliStream, NoSamplesLeft, StreamContext, to_torch
+from mae_st.data.stream import NoSamplesLeft, Stream, StreamContext, to_torch
 from mae_st.data.epoch_plan import (epoch_order, rank_part, stream_positions, sub_parts, train_steps_per_epoch,
                                     turn_order)
 from mae_st.data.frames import FRAMES, VIDEO, shard_payload
@@ -74,7 +74,41 @@ def resolve_decode_device(cfg: DataConfig, device: torch.device) -> Optional[int
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def resolve_pipelines_per_gpu(cfg: DataConfig, decode_device_id: Optional[int], payload: str = VIDEO) -> int:
+DECODERS = ("auto", "nvdec", "dali", "pyav")
+
+
+def resolve_decoder(cfg: DataConfig, decode_device_id: Optional[int], payload: str = VIDEO) -> Optional[str]:
+    """'nvdec' or 'pyav' (reused decoders, `mae_st.data.clip_stream`), or None for DALI's reader graphs.
+
+    DALI's video decoder sets up a demuxer, parser and frame index for every sample (~25-30 ms a video on an
+    H200), so sets read one clip per video starve the GPU; PyNvVideoCodec sessions created once per thread and
+    reconfigured per video do not pay that (docs/performance.md)."""
+    if cfg.decoder not in DECODERS:
+        raise ValueError(f"DataConfig.decoder={cfg.decoder!r}: expected one of {DECODERS}")
+    if payload == FRAMES:
+        if cfg.decoder in ("nvdec", "pyav"):
+            raise ValueError(f"--decoder {cfg.decoder} decodes video; this set holds jpeg frames (--decoder dali)")
+        return None
+    if cfg.decoder in ("dali", "pyav"):
+        return None if cfg.decoder == "dali" else "pyav"
+    from mae_st.data.nvdec import fallback_message, nvdec_unavailable_reason
+
+    if decode_device_id is None:
+        if cfg.decoder == "nvdec":
+            raise ValueError("--decoder nvdec decodes on a GPU, but this run decodes on the CPU "
+                             "(no GPU, or --decode_device cpu)")
+        return None
+    reason = nvdec_unavailable_reason()
+    if reason is not None:
+        if cfg.decoder == "nvdec":
+            raise ValueError(f"--decoder nvdec: {reason}")
+        log.warning(fallback_message(reason))
+        return None
+    return "nvdec"
+
+
+def resolve_pipelines_per_gpu(cfg: DataConfig, decode_device_id: Optional[int], payload: str = VIDEO,
+                              decoder: Optional[str] = None) -> int:
     """DataConfig.pipelines_per_gpu, with 0 resolved: NVDEC_PIPELINES for video on the GPU decoder, else 1 (DALI's
     CPU decoders already decode a batch's samples in parallel; the jpeg payload's 157 clips/s on an H200 were
     measured with one pipeline)."""
@@ -82,6 +116,8 @@ def resolve_pipelines_per_gpu(cfg: DataConfig, decode_device_id: Optional[int], 
         raise ValueError(f"DataConfig.pipelines_per_gpu={cfg.pipelines_per_gpu}: must be >= 1, or 0 for the default")
     if cfg.pipelines_per_gpu:
         return cfg.pipelines_per_gpu
+    if decoder is not None:
+        return 1  # the reader's num_threads decode concurrently
     return NVDEC_PIPELINES if decode_device_id is not None and payload == VIDEO else 1
 
 
@@ -105,9 +141,15 @@ class VideoLoader:
             self.registry.add(bad)
         self.payload = shard_payload(self.per_tar)
         self._warn_if_frames_payload_is_slow_here()
-        self.num_pipelines = resolve_pipelines_per_gpu(cfg, self.decode_device_id, self.payload)
+        self.decoder = resolve_decoder(cfg, self.decode_device_id, self.payload)
+        self.num_pipelines = resolve_pipelines_per_gpu(cfg, self.decode_device_id, self.payload, self.decoder)
         # num_threads is the budget of all of this rank's pipelines together
         self._pipe_cfg = replace(cfg, num_threads=max(1, cfg.num_threads // self.num_pipelines))
+        # reused decoders: one reader (its threads, each with a decoder) per stream, kept for the loader's life
+        self._readers = ([self._decoder_threads() for _ in range(self.num_pipelines)] if self.decoder is not None
+                         else [None] * self.num_pipelines)
+        log.info("decoding with %s, %d pipeline(s) of %d threads", self.decoder or "DALI's reader graph",
+                 self.num_pipelines, self._pipe_cfg.num_threads)
         self._steps = (train_steps_per_epoch(self.num_samples, world_size, cfg.batch_size_per_gpu)
                        if training else None)
         self.epoch, self.start_step = 0, 0
@@ -158,7 +200,18 @@ class VideoLoader:
             self.stats.pipeline_builds = ctx.builds[0]
         self.registry.check_fraction(self.stats.samples, final=True)
 
+    def _decoder_threads(self):
+        from mae_st.data.clip_reader import DEFAULT_TIMEOUT_S, ClipReader
+        from mae_st.data.clip_stream import decoder_factory
+
+        threads = self._pipe_cfg.num_threads
+        ahead = max(self.cfg.prefetch_queue_depth * self.cfg.batch_size_per_gpu, threads)
+        return ClipReader(decoder_factory(self.decoder, self.device), threads, ahead, DEFAULT_TIMEOUT_S)
+
     def close(self) -> None:
+        for reader in self._readers:
+            if reader is not None:
+                reader.close()
         self._index_root.cleanup()
 
     def stats_record(self) -> dict:
@@ -174,7 +227,8 @@ class VideoLoader:
         return StreamContext(cfg=self._pipe_cfg, training=self.training, mode=self.mode, seed=self.seed,
                              epoch=self.epoch, rank=self.rank, device_id=self.decode_device_id,
                              half=self.dtype != torch.float32, payload=self.payload, registry=self.registry,
-                             index_root=self._index_root.name, recheck_tars=self._recheck_tars, builds=self._builds)
+                             index_root=self._index_root.name, recheck_tars=self._recheck_tars, builds=self._builds,
+                             decoder=self.decoder, device=self.device)
 
     def _slices(self) -> List[List[SampleRef]]:
         """This epoch's part of this rank, cut into one slice per stream."""
@@ -182,10 +236,10 @@ class VideoLoader:
         part = rank_part(order, self.rank, self.world_size)
         return sub_parts(part, self.cfg.batch_size_per_gpu, self.num_pipelines)
 
-    def _streams(self, ctx: StreamContext) -> List[DaliStream]:
-        return [DaliStream(j, sub, ctx) for j, sub in enumerate(self._slices())]
+    def _streams(self, ctx: StreamContext) -> List[Stream]:
+        return [Stream(j, sub, ctx, self._readers[j]) for j, sub in enumerate(self._slices())]
 
-    def _train_batches(self, streams: List[DaliStream]) -> Iterator[Batch]:
+    def _train_batches(self, streams: List[Stream]) -> Iterator[Batch]:
         counts = [s.batches_per_pass() for s in streams]
         turns = turn_order(counts, self._steps)
         if len(turns) < self._steps:
@@ -197,7 +251,7 @@ class VideoLoader:
         for step in range(self.start_step, self._steps):
             yield self._timed(lambda: self._next_of(streams, turns[step]))
 
-    def _next_of(self, streams: List[DaliStream], j: int):
+    def _next_of(self, streams: List[Stream], j: int):
         """Stream j's next batch; another stream's when every sample of j turned out bad."""
         for k in range(len(streams)):
             try:
@@ -207,7 +261,7 @@ class VideoLoader:
         raise RuntimeError(f"no readable samples left on rank {self.rank} in epoch {self.epoch}; first bad: "
                            f"{[b.key for b in self.registry.found[:10]]}")
 
-    def _eval_batches(self, streams: List[DaliStream]) -> Iterator[Batch]:
+    def _eval_batches(self, streams: List[Stream]) -> Iterator[Batch]:
         queue = deque(s for s in streams if s.batches_per_pass())
         for stream in queue:
             stream.start()

@@ -1,4 +1,5 @@
-"""One stream of a rank's epoch: a slice of its samples read pass after pass by DALI pipelines, segment by segment.
+"""One stream of a rank's epoch: a slice of its samples read pass after pass, segment by segment, by DALI reader
+pipelines or by reused decoders (`ClipStream`: PyNvVideoCodec sessions or PyAV, augmented by the same DALI ops).
 
 A pass reads the slice in an order drawn from (seed, epoch, rank, stream, pass). It is cut into segments of
 DataConfig.pipeline_segment_batches batches, and every segment gets a fresh pipeline seeded by (..., pass,
@@ -30,7 +31,9 @@ from nvidia.dali.pipeline import Pipeline
 
 from mae_st.config import DataConfig
 from mae_st.data.bad_samples import BadSample, BadSampleRegistry
+from mae_st.data.clip_stream import ClipStream, dali_batch_to_torch
 from mae_st.data.epoch_plan import buffered_shuffle, group_by_tar
+from mae_st.data.format import META_EXT
 from mae_st.data.frames import FRAMES, undecodable_frame, with_clip_frames
 from mae_st.data.index import SampleRef, write_index
 from mae_st.data.pipeline import ReaderSpec, build_eval_pipeline, build_train_pipeline
@@ -57,15 +60,24 @@ class StreamContext:
     # (tar paths) -> samples of them that changed or vanished since start-up (the loader's shard fingerprints)
     recheck_tars: Callable[[Sequence[str]], List[BadSample]]
     builds: List[int]  # one counter shared by the streams: pipelines built (LoaderStats)
+    # reused decoders ("nvdec" | "pyav") with their threads, shared by every segment; None: DALI's reader graphs
+    decoder: Optional[str] = None
+    device: Optional[torch.device] = None
 
 
 class NoSamplesLeft(RuntimeError):
     """Every sample of the stream's slice is bad."""
 
 
-class DaliStream:
-    def __init__(self, index: int, samples: Sequence[SampleRef], ctx: StreamContext):
-        self.index, self.samples, self.ctx = index, list(samples), ctx
+class _SegmentDone(Exception):
+    """A segment's ClipStream ran out (its failed samples shortened it)."""
+
+
+class Stream:
+    def __init__(self, index: int, samples: Sequence[SampleRef], ctx: StreamContext, reader=None):
+        """`reader`: the ClipReader (threads with reused decoders) this stream's segments read through, when
+        ctx.decoder is set; one read at a time, so each stream has its own."""
+        self.index, self.samples, self.ctx, self.reader = index, list(samples), ctx, reader
         self.batch_size = ctx.cfg.batch_size_per_gpu
         self.segment_batches = max(1, ctx.cfg.pipeline_segment_batches)
         self.pass_no, self.segment = -1, 0
@@ -75,6 +87,7 @@ class DaliStream:
         self._plain: List[SampleRef] = []  # the same before jpeg-payload samples got their clips' frames
         self._first_batch = 0  # the batch of the segment the current pipeline started at
         self._primed = False  # the build scheduled the first iteration already
+        self._clips = None  # the batches of the segment's ClipStream, when decoders are reused
         self.fetched = 0  # batches the current pipeline delivered
         self._index_dir: Optional[str] = None
 
@@ -101,9 +114,15 @@ class DaliStream:
                 self._advance()
             try:
                 clips, raw_meta = self._fetch()
+            except _SegmentDone:
+                continue
             except RuntimeError as err:
                 self._drop_failed(self._failed_samples(err), self.fetched)
                 continue
+            if self.ctx.decoder is not None:
+                if self.fetched >= self._pipeline_batches():
+                    self._close_pipeline()
+                return clips, raw_meta  # parsed and checked by the reader
             metas, bad = self._parse_metas(raw_meta)
             if bad:
                 self._drop_failed(bad, self.fetched - 1)
@@ -175,6 +194,9 @@ class DaliStream:
                           seed=seed, shuffle=False, pad_last_batch=not ctx.training, half=ctx.half,
                           payload=ctx.payload)
         ctx.builds[0] += 1
+        if ctx.decoder is not None:
+            self._build_decoded(self.read, seed)
+            return
         try:
             build = build_train_pipeline if ctx.training else build_eval_pipeline
             self.pipe = build(spec, ctx.cfg, ctx.mode) if ctx.training else build(spec, ctx.cfg)
@@ -199,6 +221,8 @@ class DaliStream:
         return math.ceil(len(self.read) / self.batch_size)
 
     def _fetch(self):
+        if self._clips is not None:
+            return self._fetch_decoded()
         if self._primed:
             self._primed = False
         else:
@@ -207,7 +231,32 @@ class DaliStream:
         self.fetched += 1
         return clips, meta
 
+    def _fetch_decoded(self):
+        """The next batch of the segment's ClipStream (its failures were reported to the registry already); a
+        short last batch of a training pass is filled by repeating its clips, as a reader graph wraps around."""
+        try:
+            clips, metas = next(self._clips)
+        except StopIteration:
+            self._close_pipeline()
+            raise _SegmentDone() from None
+        self.fetched += 1
+        if self.ctx.training and len(metas) < self.batch_size:
+            repeat = [i % len(metas) for i in range(self.batch_size)]
+            clips, metas = clips[repeat], [metas[i] for i in repeat]
+        return clips, metas
+
+    def _build_decoded(self, read: List[SampleRef], seed: int) -> None:
+        ctx = self.ctx
+        stream = ClipStream(read, self.batch_size, ctx.cfg, training=ctx.training, mode=ctx.mode, seed=ctx.seed,
+                            epoch=ctx.epoch, pipeline_seed=seed, device=ctx.device, decoder=ctx.decoder,
+                            half=ctx.half, reader=self.reader,
+                            on_failure=lambda f: ctx.registry.add(BadSample(f.tar, f.key, f.reason)))
+        self.pipe, self._clips = stream, iter(stream)
+
     def _close_pipeline(self) -> None:
+        if self._clips is not None:
+            self.pipe.close()
+            self._clips = None
         self.pipe = None  # the old one's memory goes before a new one takes its own
         if self._index_dir is not None:
             shutil.rmtree(self._index_dir, ignore_errors=True)
@@ -271,7 +320,8 @@ class DaliStream:
                     raise ValueError(f"it describes sample {meta.get('key')!r}")
                 metas.append(meta)
             except (ValueError, UnicodeDecodeError, AttributeError) as err:
-                bad.append(BadSample(expected.tar, expected.key, f"metadata member unreadable: {err}"))
+                bad.append(BadSample(expected.tar, expected.key,
+                                     f"metadata member {expected.key}.{META_EXT} is unreadable: {err}"))
         if not self.ctx.training:  # evaluation pads a pipeline's last batch by repeating a sample
             metas = metas[: max(0, len(self.read) - first)]
         return metas, bad
@@ -290,12 +340,7 @@ def _write_indexes(samples: Sequence[SampleRef], folder: str) -> Tuple[List[str]
 
 
 def to_torch(batch, device: torch.device) -> torch.Tensor:
-    """Copy a dense DALI batch into a torch tensor on DALI's device, then move it to `device` if needed."""
-    from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_type
-
-    dense = batch.as_tensor()
-    on_gpu = hasattr(dense, "device_id")
-    target = torch.device("cuda", dense.device_id()) if on_gpu else torch.device("cpu")
-    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=target)
-    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(target) if on_gpu else None)
-    return out.to(device, non_blocking=True)
+    """A batch's clips as a torch tensor on `device`: a DALI batch is copied out, a ClipStream's is one already."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return dali_batch_to_torch(batch, device)
