@@ -95,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decoder", default="nvdec", choices=("nvdec", "pyav"))
     p.add_argument("--quick", action="store_true", help="tiny footage and few rows: every code path on a CPU")
     p.add_argument("--seconds", type=float, default=None, help="cap per throughput row (default 9, quick 6)")
-    p.add_argument("--sections", default="env,data,check,throughput")
+    p.add_argument("--sections", default="env,data,check,throughput,loader")
     p.add_argument("--photos", default=None, help=".npz of photographs for the footage (when sklearn is absent)")
     return p.parse_args(argv)
 
@@ -419,6 +419,53 @@ class Bench:
         return {"clips/s": timing.clips_per_s, "steps": timing.steps, "s/step": timing.seconds_per_step,
                 "torch peak MiB": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
                 "smi MiB": usage["mem MiB"], "nvdec %": usage["nvdec %"], "sm %": usage["sm %"]}
+
+    # ---- loader: what train.py runs ----------------------------------------------------------------------------
+
+    def run_loader(self, rows: List[dict]) -> None:
+        """Clips/s of the VideoLoader train.py builds (DataConfig.decoder nvdec vs dali, the batch transform of
+        finetuning applied as the Trainer applies it), over the default set listed 20 times so that an epoch
+        lasts the row as a real set's would."""
+        plan = self.plan
+        for mode in ("finetune", "pretrain", "eval"):
+            for decoder in (self.args.decoder, "dali"):
+                self.row(rows, {"what": f"loader {mode}", "decoder": decoder, "threads": plan.dali_threads},
+                         lambda: self._loader_rate(mode, decoder))
+            ours, dali = rows[-2].get("clips/s"), rows[-1].get("clips/s")
+            if ours and dali:
+                rows.append({"what": f"ratio loader {mode}: {self.args.decoder} / dali", "ratio": ours / dali})
+
+    def _loader_rate(self, mode: str, decoder: str) -> dict:
+        from mae_st.data.augment import build_batch_transform
+        from mae_st.data.loader import VideoLoader
+        from mae_st.data.shards import ShardSet
+
+        plan, training = self.plan, mode != "eval"
+        batch = {"finetune": plan.finetune_batch, "pretrain": plan.pretrain_batch, "eval": plan.eval_batch}[mode]
+        cfg = self._cfg(finetune=mode != "pretrain", threads=plan.dali_threads, decoder=decoder,
+                        batch_size_per_gpu=batch, reprob=0.25, mixup=0.8, cutmix=1.0)
+        one = list_shards(self._set("default"))
+        shards = ShardSet(one.tars * 20, one.index_paths * 20, one.counts * 20)
+        loader = VideoLoader(cfg, shards, training=training, mode=mode if training else "eval", rank=0,
+                             world_size=1, device=self.device, seed=0,
+                             dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        transform = build_batch_transform(cfg, mode, num_classes=1000) if mode == "finetune" else None
+        per_video = cfg.repeat_aug if training else cfg.test_num_ensemble_views * cfg.test_num_spatial_crops
+
+        def epoch(e: int):
+            loader.set_epoch(e)
+            for clips, labels, *_ in loader:
+                yield transform(clips, labels) if transform is not None else (clips, labels)
+
+        try:
+            measured = self._timed(epoch, lambda b: b[0].shape[0])
+            measured["decoder used"] = loader.decoder or "dali"
+            measured["bad"] = len(loader.registry)
+        finally:
+            loader.close()
+        if not training:
+            measured["videos/s"] = measured["clips/s"] / per_video
+        return measured
 
     # ---- report ---------------------------------------------------------------------------------------------
 
