@@ -80,6 +80,7 @@ def test_a_run_over_damaged_shards_finishes_and_names_what_it_lost(tmp_path):
     assert len(data) == 2  # one record an epoch, of rank 0 (which writes the log)
     bad_keys = {key.split(":")[-1] for r in data for key in r["bad_keys"]}
     assert "v5" in bad_keys and data[-1]["bad_samples"] == len(data[-1]["bad_keys"]) >= 1
+    assert all(r["pipeline_builds"] >= 2 for r in data)  # counted when the epoch's iterator closes
     logged = {json.loads(line)["key"] for f in (out / "bad_samples").glob("rank*.jsonl")
               for line in f.read_text().splitlines()}
     assert {"v1", "v5", "v8"} <= logged  # every rank's finds, kept for a resumed run

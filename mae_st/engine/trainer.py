@@ -131,6 +131,9 @@ class Trainer:
                 self.save_pending = True
             if state.step_in_epoch < total:  # the epoch's last step is saved by `save_at_epoch_end`
                 self._save_if_due(state)
+        # the epoch may end before the loader's (--max_steps_per_epoch): closing it now frees its pipelines and
+        # decoder memory before evaluation, and settles its counters for the data record
+        getattr(batches, "close", lambda: None)()
         self._log_data(loader, state)
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
         self.logger.end_epoch()
