@@ -215,3 +215,12 @@ def test_verify_command_names_what_is_damaged_and_exits_non_zero(tmp_path):
     assert damaged.returncode == 1, damaged.stdout + damaged.stderr
     assert "damaged: v0 in" in damaged.stdout and "damaged: v5 in" in damaged.stdout
     assert "truncated copy" in damaged.stdout and "index missing or unreadable" in damaged.stdout
+
+
+def test_each_pipeline_builds_index_files_are_deleted_when_it_ends(tmp_path):
+    folder = write_shards(tmp_path / "s", SHARDS, "video")
+    loader = loader_for(folder, pipelines_per_gpu=2, pipeline_segment_batches=1)
+    root = Path(loader._index_root.name)
+    alive = [len(list(root.iterdir())) for _ in loader]
+    assert loader.stats.pipeline_builds == 8 and max(alive) <= 2  # a build a batch, at most one a stream alive
+    assert not list(root.iterdir())

@@ -74,9 +74,10 @@ class _SegmentDone(Exception):
 
 
 class Stream:
+    """Slice `index` of a rank's epoch part. `reader`: the ClipReader (threads with reused decoders) its segments
+    read through when ctx.decoder is set; a reader serves one read at a time, so each stream has its own."""
+
     def __init__(self, index: int, samples: Sequence[SampleRef], ctx: StreamContext, reader=None):
-        """`reader`: the ClipReader (threads with reused decoders) this stream's segments read through, when
-        ctx.decoder is set; one read at a time, so each stream has its own."""
         self.index, self.samples, self.ctx, self.reader = index, list(samples), ctx, reader
         self.batch_size = ctx.cfg.batch_size_per_gpu
         self.segment_batches = max(1, ctx.cfg.pipeline_segment_batches)
@@ -188,15 +189,15 @@ class Stream:
                                            first_batch]).generate_state(1)[0] % 2**31)
         self._plain, self._first_batch, self.fetched = read, first_batch, 0
         self.read = self._as_read(read, seed)
+        ctx.builds[0] += 1
+        if ctx.decoder is not None:
+            self._build_decoded(self.read, seed)
+            return
         self._index_dir = tempfile.mkdtemp(prefix=f"s{self.index}_", dir=ctx.index_root)
         tars, index_paths = _write_indexes(self.read, self._index_dir)
         spec = ReaderSpec(tars=tars, index_paths=index_paths, batch_size=self.batch_size, device_id=ctx.device_id,
                           seed=seed, shuffle=False, pad_last_batch=not ctx.training, half=ctx.half,
                           payload=ctx.payload)
-        ctx.builds[0] += 1
-        if ctx.decoder is not None:
-            self._build_decoded(self.read, seed)
-            return
         try:
             build = build_train_pipeline if ctx.training else build_eval_pipeline
             self.pipe = build(spec, ctx.cfg, ctx.mode) if ctx.training else build(spec, ctx.cfg)
