@@ -96,6 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny footage and few rows: every code path on a CPU")
     p.add_argument("--seconds", type=float, default=None, help="cap per throughput row (default 9, quick 6)")
     p.add_argument("--sections", default="env,data,check,throughput,loader")
+    p.add_argument("--no-mixed", action="store_true", help="film and pack only the one-size set")
     p.add_argument("--photos", default=None, help=".npz of photographs for the footage (when sklearn is absent)")
     return p.parse_args(argv)
 
@@ -186,6 +187,8 @@ class Bench:
         width, height = plan.size
         self.sets["default"] = self.row(rows, {"set": "default", "size": f"{width}x{height}"},
                                         lambda: self._film_and_pack("default", [(width, height, plan.videos)]))["path"]
+        if self.args.no_mixed:
+            return
         sizes = [(w, h, plan.mixed_per_size) for w, h in plan.mixed_sizes]
         label = {"set": "mixed", "size": "+".join(f"{w}x{h}" for w, h in plan.mixed_sizes)}
         self.sets["mixed"] = self.row(rows, label, lambda: self._film_and_pack("mixed", sizes))["path"]
