@@ -27,6 +27,8 @@
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -44,6 +46,7 @@ from mae_st.data.pipeline import ExternalSpec, build_external_pipeline, feed_ext
 log = logging.getLogger(__name__)
 
 DECODERS = ("nvdec", "pyav")
+AUGMENTED_AHEAD = 2  # augmented batches kept ready while the consumer works
 
 
 def decoder_factory(kind: str, device: torch.device) -> Callable[[], FrameDecoder]:
@@ -107,8 +110,15 @@ class ClipStream:
         self.pipe = build_external_pipeline(spec, cfg, mode, training)
         plan = ClipPlan(cfg, training, seed, epoch)
         self._results = self.reader.read(plan.request(ref) for ref in samples)
+        self._ahead: Optional[_Ahead] = None
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, List[dict]]]:
+        # the DALI augmentation runs on a thread, AUGMENTED_AHEAD batches ahead, so it overlaps the consumer's
+        # step instead of running inside its wait for data (measured: ViT-H finetuning waited 7.8 % without it)
+        self._ahead = _Ahead((self._augment(batch) for batch in self._decoded_batches()), AUGMENTED_AHEAD)
+        yield from self._ahead
+
+    def _decoded_batches(self) -> Iterator[List[DecodedSample]]:
         batch: List[DecodedSample] = []
         for result in self._results:
             if isinstance(result, SampleFailure):
@@ -116,15 +126,18 @@ class ClipStream:
                 continue
             batch.append(result)
             if len(batch) == self.batch_size:
-                yield self._augment(batch)
+                yield batch
                 batch = []
         if batch and self.drop_last:
             self.leftover = [sample.ref for sample in batch]
         elif batch:
-            yield self._augment(batch)
+            yield batch
 
     def close(self) -> None:
         """Ends the read; closes (joins) the reader's threads unless it was passed in."""
+        if self._ahead is not None:
+            self._ahead.close()  # first: the augmentation thread is the one that reads the results
+            self._ahead = None
         self._results.close()
         if self._owns_reader:
             self.reader.close()
@@ -151,6 +164,55 @@ class ClipStream:
         (clips,) = self.pipe.run()
         self.delivered += len(batch)
         return dali_batch_to_torch(clips, self.device)[: len(batch)], [sample.meta for sample in batch]
+
+
+class _Ahead:
+    """Runs `source` on a thread, up to `depth` items ahead of the consumer; its exception reaches the consumer;
+    `close()` stops and joins the thread (a thread alive at interpreter exit can abort the process)."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source,), name="mae_st-augment", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self, source: Iterator) -> None:
+        try:
+            for item in source:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            self._put(_Raised(err))
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
+@dataclass
+class _Raised:
+    error: BaseException
 
 
 def _device_id(device: torch.device) -> int:
