@@ -58,6 +58,8 @@ class DataConfig:
     # auto: reused NVDEC sessions (PyNvVideoCodec) when decoding video on a GPU and the library loads, else DALI's
     # decoder; nvdec | dali force one; pyav decodes on CPU threads (any codec) and augments like the others
     decoder: str = "auto"
+    # reused decoders: batches whose DALI augmentation runs ahead on a thread while the step runs; 0: inline
+    augment_ahead: int = 2
     # jpeg-payload shards with decode on the GPU: decode the frames with libjpeg-turbo on the DALI threads ("cpu")
     # and move the clips to the GPU, or with nvJPEG ("gpu"); docs/performance.md compares them
     jpeg_decode_device: str = "cpu"
@@ -252,6 +254,8 @@ def _add_data_flags(d) -> None:
     _value(d, "--decoder", "data.decoder", str, "what decodes video: auto (reused NVDEC sessions through "
            "PyNvVideoCodec on a GPU when it loads, else DALI's decoder), nvdec, dali, or pyav (CPU threads)",
            choices=("auto", "nvdec", "dali", "pyav"))
+    _value(d, "--augment_ahead", "data.augment_ahead", int, "with reused decoders (--decoder nvdec/pyav): batches "
+           "augmented ahead on a thread while the step runs; 0 augments inside the step's wait for data")
     _value(d, "--num_threads", "data.num_threads", int, "DALI CPU threads per GPU in total: each of the "
            "--pipelines_per_gpu pipelines gets max(1, num_threads // pipelines_per_gpu)")
     _value(d, "--max_bad_sample_fraction", "data.max_bad_sample_fraction", float, "the run stops when more than "

@@ -224,3 +224,15 @@ def test_each_pipeline_builds_index_files_are_deleted_when_it_ends(tmp_path):
     alive = [len(list(root.iterdir())) for _ in loader]
     assert loader.stats.pipeline_builds == 8 and max(alive) <= 2  # a build a batch, at most one a stream alive
     assert not list(root.iterdir())
+
+
+def test_augmenting_ahead_on_a_thread_gives_the_batches_of_augmenting_inline(tmp_path):
+    folder = write_shards(tmp_path / "s", SHARDS, "video", corrupt={"v2"})
+    epochs = []
+    for ahead in (0, 2):
+        loader = loader_for(folder, decoder="pyav", augment_ahead=ahead, rand_aug=True, pipeline_segment_batches=3)
+        epochs.append([(clips, labels) for clips, labels in loader])
+        loader.close()
+    assert len(epochs[0]) == len(epochs[1]) == 8
+    for (clips, labels), (ahead_clips, ahead_labels) in zip(*epochs):
+        assert torch.equal(labels, ahead_labels) and torch.equal(clips, ahead_clips)
