@@ -20,7 +20,7 @@ from mae_st.data.format import index_name_for, shard_name
 from mae_st.data.index import read_index
 from mae_st.data.loader import build_eval_loader, build_train_loader
 from mae_st.data.verify import members_of
-from tests.test_pipeline import DEVICE, pixel_levels, tiny_config, video_id_of, write_shards
+from tests.test_pipeline import DEVICE, tiny_config, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARDS = [3, 3, 2]  # v0-v2, v3-v5, v6-v7

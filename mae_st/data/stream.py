@@ -201,7 +201,7 @@ class Stream:
         try:
             build = build_train_pipeline if ctx.training else build_eval_pipeline
             self.pipe = build(spec, ctx.cfg, ctx.mode) if ctx.training else build(spec, ctx.cfg)
-        except RuntimeError as err:  # a tar that vanished or shrank since start-up
+        except RuntimeError:  # a tar that vanished or shrank since start-up
             bad = self.ctx.recheck_tars(tars)
             if not bad:
                 raise
