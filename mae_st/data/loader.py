@@ -7,7 +7,8 @@ DataConfig.max_bad_sample_fraction of the set. Every epoch, a shard whose size o
 An epoch (`mae_st.data.epoch_plan`): the tars in an order drawn from (seed, epoch), cut into one contiguous part
 per rank, and each part into one slice per concurrent pipeline (DataConfig.pipelines_per_gpu: DALI's video
 decoder works through a batch's videos one after another, so k pipelines keep k videos decoding at once). Each
-slice is a `Stream`; the step -> stream order is fixed by the slices' batch counts. Training runs `len(loader)`
+slice is a `Stream` (DALI reader graphs, or reused decoders: `--decoder`, `resolve_decoder`); the step -> stream
+order is fixed by the slices' batch counts. Training runs `len(loader)`
 = (samples // world) // batch steps on every rank (drop_last); evaluation reads every sample of its part once.
 `set_epoch(epoch, start_step)` starts an epoch at any step without reading the steps before it.
 
@@ -122,7 +123,7 @@ def resolve_pipelines_per_gpu(cfg: DataConfig, decode_device_id: Optional[int], 
 
 
 class VideoLoader:
-    """This rank's part of every epoch, read by concurrent DALI streams and handed to PyTorch on `device`."""
+    """This rank's part of every epoch, read by concurrent streams and handed to PyTorch on `device`."""
 
     def __init__(self, cfg: DataConfig, shards: ShardSet, *, training: bool, mode: str, rank: int, world_size: int,
                  device: torch.device, seed: int, dtype: torch.dtype, state_dir: Optional[str] = None):
