@@ -410,11 +410,16 @@ def validate_job_config(cfg: JobConfig) -> None:
                         ("--accum_iter", optim.accum_iter), ("--epochs", optim.epochs),
                         ("--num_frames", data.num_frames), ("--img_size", data.img_size),
                         ("--log_interval", run.log_interval), ("--num_checkpoint_del", run.keep_checkpoints),
-                        ("--checkpoint_period", run.checkpoint_period)):
+                        ("--checkpoint_period", run.checkpoint_period),
+                        ("--pipeline_segment_batches", data.pipeline_segment_batches)):
         if value < 1:
             raise ConfigError(f"{flag} {value}: must be >= 1")
     if not 0.0 <= data.flip_prob <= 1.0:
         raise ConfigError(f"--flip_prob {data.flip_prob}: must be in [0, 1]")
+    if not 0.0 <= data.max_bad_sample_fraction <= 1.0:
+        raise ConfigError(f"--max_bad_sample_fraction {data.max_bad_sample_fraction}: must be in [0, 1]")
+    if data.augment_ahead < 0:
+        raise ConfigError(f"--augment_ahead {data.augment_ahead}: must be >= 0 (0 augments inline)")
     if data.pipelines_per_gpu < 0:
         raise ConfigError(f"--pipelines_per_gpu {data.pipelines_per_gpu}: must be >= 1, or 0 for the default")
     if optim.warmup_epochs < 0 or optim.warmup_epochs > optim.epochs:

@@ -55,6 +55,10 @@ def test_finetune_mode_defaults_and_cls_token():
     (["--mode", "finetune", "--model", "vit_tiny_patch8", "--train_shards", "x"], "--val_shards is missing"),
     (PRETRAIN + ["--path_to_data_dir", "/videos"], "--path_to_data_dir"),
     (PRETRAIN + ["--pipelines_per_gpu", "-1"], "--pipelines_per_gpu -1"),
+    (PRETRAIN + ["--augment_ahead", "-1"], "--augment_ahead -1"),
+    (PRETRAIN + ["--pipeline_segment_batches", "0"], "--pipeline_segment_batches 0"),
+    (PRETRAIN + ["--max_bad_sample_fraction", "1.5"], "--max_bad_sample_fraction 1.5"),
+    (PRETRAIN + ["--decoder", "ffmpeg"], "--decoder"),
 ])
 def test_bad_flags_give_one_error_line_naming_the_flag(capsys, argv, flag):
     line = error_line(capsys, argv)
