@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from mae_st.data.format import index_name_for, shard_name
-from mae_st.data.index import read_index
+from mae_st.data.index import members_of, read_index
 from mae_st.data.loader import build_eval_loader, build_train_loader
-from mae_st.data.verify import members_of
 from tests.test_pipeline import DEVICE, tiny_config, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +34,7 @@ def member_span(folder: Path, shard: int, key: str, ext: str):
     """(data offset, size) of a sample's member, from the packer-style index."""
     tar = str(tar_of(folder, shard))
     sample = next(s for s in read_index(tar, index_name_for(tar)) if s.key == key)
-    return next((offset, size) for e, offset, size, _ in members_of(sample) if e == ext)
+    return next((offset, size) for e, offset, size, _ in members_of(sample.index_line) if e == ext)
 
 
 def overwrite(path: Path, offset: int, data: bytes) -> None:
@@ -102,7 +101,7 @@ def test_garbage_inside_a_shard_skips_what_it_hit_and_delivers_the_rest(tmp_path
     overwrite(tar, middle, os.urandom(4096))
     hit = set()
     for sample in read_index(str(tar), index_name_for(str(tar))):
-        if any(o - 512 < middle + 4096 and middle < o + s for _, o, s, _ in members_of(sample)):
+        if any(o - 512 < middle + 4096 and middle < o + s for _, o, s, _ in members_of(sample.index_line)):
             hit.add(int(sample.key[1:]))
     loader = loader_for(folder, decoder=decoder)
     delivered = epoch_labels(loader)

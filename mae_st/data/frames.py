@@ -20,12 +20,11 @@ from torchvision.io import decode_jpeg
 
 from mae_st.config import DataConfig
 from mae_st.data.format import META_EXT, is_frame_ext
-from mae_st.data.index import SampleRef
+from mae_st.data.index import SampleRef, member_line, members_of, read_member
 
 VIDEO, FRAMES = "video", "frames"  # the two payloads a shard sample can carry
 _SLOT_PREFIX = "f"
 
-Component = Tuple[str, str, str, str]  # ext, offset, size, member name, as an index line lists them
 
 
 def slot_names(num_slots: int) -> List[str]:
@@ -92,34 +91,30 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 
 def sample_members(ref: SampleRef) -> Dict[str, Tuple[int, int, str]]:
     """ext -> (offset, size, member name) of each member the sample's index line lists."""
-    return {ext: (int(offset), int(size), name) for ext, offset, size, name in _components(ref.index_line)}
+    return {ext: (offset, size, name) for ext, offset, size, name in members_of(ref.index_line)}
 
 
 def with_clip_frames(ref: SampleRef, cfg: DataConfig, rng: Optional[np.random.Generator]) -> SampleRef:
     """`ref` with an index line that makes the pipeline read clip j's k-th frame as slot j * num_frames + k, plus
     the sample's metadata: repeat_aug clips at random starts drawn from `rng` (training), or the evaluation views
     when `rng` is None. The members stay where the packer wrote them."""
-    components = _components(ref.index_line)
+    components = members_of(ref.index_line)
     frames = sorted(c for c in components if is_frame_ext(c[0]))  # ext '000012.jpg' sorts as the index
     meta = [c for c in components if c[0] == META_EXT]
     if not frames or not meta:
         raise ValueError(f"sample {ref.key} of {ref.tar} has no frames or no {META_EXT} member; re-pack it")
     indices = [i for clip in sample_clip_indices(len(frames), cfg, rng) for i in clip]
     slots = [(name, *frames[i][1:]) for name, i in zip(slot_names(len(indices)), indices)]
-    return replace(ref, index_line=" ".join(" ".join(c) for c in [*slots, meta[0]]))
+    return replace(ref, index_line=member_line([*slots, meta[0]]))
 
 
 def undecodable_frame(ref: SampleRef) -> Optional[str]:
     """'<member>: <error>' for the first JPEG of `ref`'s index line that does not decode on the CPU, else None."""
-    frames = {c[3]: (int(c[1]), int(c[2])) for c in _components(ref.index_line) if c[0] != META_EXT}
+    frames = {name: (offset, size) for ext, offset, size, name in members_of(ref.index_line) if ext != META_EXT}
     with open(ref.tar, "rb") as tar:
         for name, (offset, size) in frames.items():
-            tar.seek(offset)
-            data = tar.read(size)
             try:
-                if len(data) != size:
-                    raise ValueError(f"the tar ends after {len(data)} of {size} bytes")
-                decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                decode_jpeg(torch.frombuffer(bytearray(read_member(tar, offset, size)), dtype=torch.uint8))
             except (RuntimeError, ValueError) as err:
                 return f"{name}: {err}"
     return None
@@ -127,8 +122,3 @@ def undecodable_frame(ref: SampleRef) -> Optional[str]:
 
 def _last_start(count: int, cfg: DataConfig) -> int:
     return max(count - ((cfg.num_frames - 1) * cfg.sampling_rate + 1), 0)
-
-
-def _components(index_line: str) -> List[Component]:
-    fields = index_line.split()
-    return [tuple(fields[i : i + 4]) for i in range(0, len(fields), 4)]

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Sequence
+from typing import Iterable, List, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = "v1.2"
+Member = Tuple[str, int, int, str]  # ext, data offset, size, member name: one group of an index line
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,26 @@ def read_shard_indexes(tars: Sequence[str], index_paths: Sequence[str]) -> List[
             log.error("skipping unreadable shard %s: %s", tar, err)
             per_tar.append([])
     return per_tar
+
+
+def members_of(index_line: str) -> List[Member]:
+    """(ext, data offset, size, member name) of each member an index line lists."""
+    fields = index_line.split()
+    return [(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)]
+
+
+def member_line(members: Iterable[Member]) -> str:
+    """The index line listing `members` (the inverse of `members_of`)."""
+    return " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in members)
+
+
+def read_member(handle, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` of an open tar; a tar that ends sooner is a ValueError."""
+    handle.seek(offset)
+    data = handle.read(size)
+    if len(data) != size:
+        raise ValueError(f"the tar ends after {len(data)} of {size} bytes")
+    return data
 
 
 def write_index(samples: Iterable[SampleRef], index_path: str) -> None:

@@ -39,7 +39,7 @@ from mae_st.data.epoch_plan import (epoch_order, rank_part, stream_positions, su
 from mae_st.data.frames import FRAMES, VIDEO, shard_payload
 from mae_st.data.index import SampleRef
 from mae_st.data.shards import ShardSet, list_shards
-from mae_st.data.verify import load_shard, load_shards
+from mae_st.data.verify import fingerprint, load_shard, load_shards
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ class VideoLoader:
         bad: List[BadSample] = []
         for tar in tars:
             i = position.get(os.path.abspath(tar))
-            if i is None or _fingerprint(tar) == self._fingerprints[i]:
+            if i is None or fingerprint(tar) == self._fingerprints[i]:
                 continue
             now, damaged, self._fingerprints[i] = load_shard(tar, self.shards.index_paths[i])
             unchanged = {s.index_line for s in now}
@@ -322,14 +322,6 @@ class VideoLoader:
         if self.training:
             return Batch(videos, labels)
         return Batch(videos, labels, [m["key"] for m in metas for _ in range(per_video)])
-
-
-def _fingerprint(tar: str):
-    try:
-        stat = os.stat(tar)
-    except OSError:
-        return None
-    return stat.st_size, stat.st_mtime_ns
 
 
 def build_train_loader(cfg: DataConfig, mode: str, num_classes: int, rank: int, world_size: int,

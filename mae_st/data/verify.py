@@ -19,13 +19,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from mae_st.data.bad_samples import BadSample
 from mae_st.data.format import META_EXT
-from mae_st.data.index import SampleRef, read_index
+from mae_st.data.index import Member, SampleRef, member_line, members_of, read_index, read_member
 from mae_st.data.shards import ShardSet
 
 log = logging.getLogger(__name__)
-
-Member = Tuple[str, int, int, str]  # ext, data offset, size, name: one group of an index line
-
 
 @dataclass
 class ShardContents:
@@ -48,23 +45,32 @@ def load_shards(shards: ShardSet) -> ShardContents:
 
 def load_shard(tar: str, index_path: str, listed_keys: Optional[Sequence[str]] = None):
     """(readable samples, damaged samples, (size, mtime_ns) or None if the tar is gone) of one shard."""
-    try:
-        stat = os.stat(tar)
-    except OSError as err:
-        return [], [BadSample(tar, key, f"shard unreadable: {err}") for key in listed_keys or []], None
+    stamp = fingerprint(tar)
+    if stamp is None:
+        return [], [BadSample(tar, key, "shard unreadable or missing") for key in listed_keys or []], None
+    tar_size = stamp[0]
     samples = _indexed_or_scanned(tar, index_path)
     good, damaged = [], []
     for sample in samples:
-        end = max(offset + size for _, offset, size, _ in members_of(sample))
-        if end > stat.st_size:
-            damaged.append(BadSample(tar, sample.key, f"the shard ends at byte {stat.st_size} but this sample's "
+        end = max(offset + size for _, offset, size, _ in members_of(sample.index_line))
+        if end > tar_size:
+            damaged.append(BadSample(tar, sample.key, f"the shard ends at byte {tar_size} but this sample's "
                                                       f"members end at {end} (truncated copy?)"))
         else:
             good.append(sample)
     found = {s.key for s in samples}
     damaged += [BadSample(tar, key, "listed in manifest.csv but not in the shard") for key in listed_keys or []
                 if key not in found]
-    return good, damaged, (stat.st_size, stat.st_mtime_ns)
+    return good, damaged, stamp
+
+
+def fingerprint(tar: str) -> Optional[Tuple[int, int]]:
+    """(size, mtime_ns) of a tar, None when it cannot be stat'ed: what tells a run that a shard changed."""
+    try:
+        stat = os.stat(tar)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _indexed_or_scanned(tar: str, index_path: str) -> List[SampleRef]:
@@ -92,27 +98,13 @@ def scan_tar(tar: str) -> List[SampleRef]:
                         groups.setdefault(key, []).append((base[dot + 1:], info.offset_data, info.size, info.name))
     except (tarfile.TarError, OSError, EOFError) as err:
         log.warning("%s: scanning stopped at a damaged header (%s)", tar, err)
-    return [SampleRef(tar, key, " ".join(f"{e} {o} {s} {n}" for e, o, s, n in members))
-            for key, members in groups.items()]
-
-
-def members_of(sample: SampleRef) -> List[Member]:
-    fields = sample.index_line.split()
-    return [(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)]
-
-
-def read_member(handle, offset: int, size: int) -> bytes:
-    handle.seek(offset)
-    data = handle.read(size)
-    if len(data) != size:
-        raise ValueError(f"the tar ends after {len(data)} of {size} bytes")
-    return data
+    return [SampleRef(tar, key, member_line(members)) for key, members in groups.items()]
 
 
 def deep_check(sample: SampleRef, handle, decode: bool = False) -> Optional[str]:
     """Why `sample` cannot be read (its tar headers, its metadata, optionally its video), or None."""
     try:
-        for ext, offset, size, name in members_of(sample):
+        for ext, offset, size, name in members_of(sample.index_line):
             header = tarfile.TarInfo.frombuf(read_member(handle, offset - tarfile.BLOCKSIZE, tarfile.BLOCKSIZE),
                                              tarfile.ENCODING, "surrogateescape")
             if header.name != name or header.size != size:
