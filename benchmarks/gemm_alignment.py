@@ -63,13 +63,13 @@ def layout_rows(world_sizes=(1, 8)) -> List[dict]:
         with torch.device("meta"):  # shapes only: no memory, no init time
             plain = build_model(ModelConfig(name=name, num_classes=400), 224, 16)
         packed = build_model_packed(plain)
-        layer_decay = 0.75 if mode == "finetune" else 1.0
         for layout, model, align_views in (("unpacked (before 2026-11-30)", plain, False),
                                            ("packed, unpadded order (2026-11-30)", None, False),
                                            ("packed + aligned (now)", packed, True)):
             if model is None:
                 model = build_model_packed(plain, align=1)
-            groups = build_param_groups(model, 0.05, layer_decay)
+            # the groups ZeRO-3 flattens: per weight-decay setting (finetuning's layer decay is in the optimizer)
+            groups = build_param_groups(model, 0.05)
             if align_views:
                 order_for_aligned_views(groups)
             for world_size in world_sizes:

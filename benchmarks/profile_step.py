@@ -36,6 +36,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -70,6 +71,8 @@ class Variant:
     packed: bool = False  # eager only: packed blocks (DeepSpeed variants follow their EngineOverrides)
     compile_blocks: bool = False  # torch.compile each block's forward (DeepSpeed's hooks stay outside, eager)
     deepcompile: bool = False  # DeepSpeed's DeepCompile: engine.compile() (its engine needs compile.deepcompile)
+    # a diagnostic, not a training setting: finetuning with one lr for every layer (2 param groups, not ~2 a block)
+    layer_decay: Optional[float] = None
 
 
 VARIANTS: Dict[str, Variant] = {
@@ -96,6 +99,11 @@ VARIANTS: Dict[str, Variant] = {
     "z3-deepcompile": Variant("ZeRO-3 + DeepSpeed DeepCompile (CUDA only; on Hopper set TORCH_CUDA_ARCH_LIST=9.0; "
                               "its first ViT-H step compiled for over 4 minutes on an H100)",
                               EngineOverrides(ds={"compile": {"deepcompile": True}}), deepcompile=True),
+    "z3-layergroups": Variant("z3 with finetuning's layer-wise lr decay as one optimizer group per layer (torch "
+                              "AdamW; shipped before 2026-12-01 later) instead of scales inside LayerScaledAdamW",
+                              EngineOverrides(layer_groups=True)),
+    "z3-1group": Variant("diagnostic: z3 finetuning without layer-wise lr decay (2 param groups instead of ~2 a "
+                         "block): what ZeRO-3's per-group work costs", EngineOverrides(), layer_decay=1.0),
     "z2": Variant("ZeRO-2 bf16, packed blocks", EngineOverrides(zero_stage=2)),
     "z0": Variant("ZeRO-0 bf16 (DeepSpeed's bf16 optimizer), packed blocks", EngineOverrides(zero_stage=0)),
     "z0-autocast": Variant("ZeRO-0 with torch_autocast", EngineOverrides(zero_stage=0, torch_autocast=True)),
@@ -231,8 +239,34 @@ def time_steps(step, clips, targets, device, warmup: int, steps: int) -> Tuple[f
     return seconds, first, float("nan") if loss is None else float(loss)
 
 
+def sync_sites(step, clips, targets, device, top: int = 6) -> List[str]:
+    """Where one step synchronises with the GPU: torch's sync debug mode warns at every synchronising call, and
+    each warning's Python stack is reduced to its innermost frames outside torch (count x site)."""
+    if device.type != "cuda":
+        return []
+    sites: Dict[str, int] = {}
+
+    def record(*_args, **_kwargs):
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if "/torch/" not in f.filename and "warnings" not in f.filename]
+        site = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-3:]))
+        sites[site] = sites.get(site, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        previous, warnings.showwarning = warnings.showwarning, record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(clips, targets)
+            sync(device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = previous
+    return [f"{count} x {site}" for site, count in sorted(sites.items(), key=lambda kv: -kv[1])[:top]]
+
+
 def profile_window(step, clips, targets, device, steps: int = 2) -> dict:
-    """Top GEMM kernels and host syncs per step over a short torch.profiler window."""
+    """Top GEMM kernels and host syncs per step over a short torch.profiler window, and where the syncs are."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -243,7 +277,7 @@ def profile_window(step, clips, targets, device, steps: int = 2) -> dict:
     averages = prof.key_averages()
     syncs = sum(e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
     return {"gemm kernels": gemm_kernels(prof, top=3) if device.type == "cuda" else [],
-            "syncs/step": round(syncs / steps, 1)}
+            "syncs/step": round(syncs / steps, 1), "sync sites": sync_sites(step, clips, targets, device)}
 
 
 def matmul_tflops(device: torch.device, seconds: float = 1.0) -> float:
@@ -271,6 +305,8 @@ def measure(name: str, cfg: JobConfig, env, args, peak: float, flops: float) -> 
         torch.cuda.reset_peak_memory_stats()
     try:
         started = time.perf_counter()
+        if VARIANTS[name].layer_decay is not None:
+            cfg.optim.layer_decay = VARIANTS[name].layer_decay
         step, engine, dtype = make_step(VARIANTS[name], cfg, env, args.lr)
         build = time.perf_counter() - started
         torch.manual_seed(2)
@@ -309,6 +345,9 @@ def print_config_table(title: str, rows: List[dict]) -> None:
             continue
         kernels = row.get("gemm kernels") or ["-"]
         print(f"{row['variant']:<21}" + "".join(f"{str(row.get(c, '-')):>11}" for c in COLUMNS) + f"  {kernels[0]}")
+    for row in rows:
+        for site in row.get("sync sites") or []:
+            print(f"  sync  {row['variant']:<19} {site}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

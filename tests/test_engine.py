@@ -3,16 +3,21 @@ filling, checkpoint selection, pretrained-weight errors."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
+import os
+import subprocess
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from mae_st.config import ConfigError, OptimConfig, parse_job_config
 from mae_st.engine.checkpoint import COMPLETE_MARKER, checkpoint_root, resolve_resume, tag_for
 from mae_st.engine.ds_config import default_ds_config_path, fill_ds_config, load_ds_config
-from mae_st.engine.optim import build_param_groups, layer_id
-from mae_st.engine.schedule import base_lr, effective_batch, lr_at
+from mae_st.engine.optim import LayerScaledAdamW, build_param_groups, layer_id, layer_lr_scales
+from mae_st.engine.schedule import apply_lr, base_lr, effective_batch, lr_at
 from mae_st.models import create_model
 
 PRETRAIN = ["--mode", "pretrain", "--model", "mae_vit_tiny_patch8", "--train_shards", "synthetic:8", "--num_frames", "8"]
@@ -206,3 +211,73 @@ def test_profile_step_suite_runs_end_to_end_on_tiny_models(tmp_path):
         assert all("clips/s" in row and row["x eager"] > 0 for row in rows.values()), config
         for name in ("z3", "z3-unaligned", "z3-nopack", "z0"):  # autocast rounds in bf16 even on the CPU
             assert rows[name]["loss"] == pytest.approx(rows["eager"]["loss"], rel=1e-4), (config["config"], name)
+
+
+# ---- layer-wise decay inside the optimizer ----------------------------------------------------------------------
+
+def _train_a_few_steps(model, optimizer, steps: int = 4):
+    inputs = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    for step in range(steps):
+        apply_lr(optimizer, 1e-3 * (step + 1))
+        torch.nn.functional.cross_entropy(model(inputs), torch.tensor([1, 2])).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def test_layer_scaled_adamw_is_adamw_with_a_group_per_layer():
+    """Two weight-decay groups with per-parameter scales update every parameter exactly as torch's fused AdamW
+    with one group per (layer, decay) does; and the scales matter (without them the weights differ)."""
+    torch.manual_seed(0)
+    reference = create_model("vit_tiny_patch8", img_size=32, num_frames=4, num_classes=5).eval()
+    scaled, unscaled = copy.deepcopy(reference), copy.deepcopy(reference)
+    _train_a_few_steps(reference, torch.optim.AdamW(build_param_groups(reference, 0.05, 0.75), fused=True))
+    optimizer = LayerScaledAdamW(build_param_groups(scaled, 0.05), layer_lr_scales(scaled, 0.75))
+    assert len(optimizer.param_groups) == 2
+    _train_a_few_steps(scaled, optimizer)
+    _train_a_few_steps(unscaled, LayerScaledAdamW(build_param_groups(unscaled, 0.05), layer_lr_scales(unscaled, 1)))
+    for (name, want), got, control in zip(reference.named_parameters(), scaled.parameters(), unscaled.parameters()):
+        assert torch.equal(want, got), name
+    assert not all(torch.equal(a, b) for a, b in zip(reference.parameters(), unscaled.parameters()))
+
+
+def test_a_flat_tensor_bound_by_ranges_updates_like_its_parts():
+    """What ZeRO-3 hands the optimizer: several parameters back to back in one flat tensor, with padding."""
+    torch.manual_seed(0)
+    parts = [torch.nn.Parameter(torch.randn(n)) for n in (5, 3, 4)]
+    scales = {parts[0]: 0.5, parts[1]: 0.5, parts[2]: 0.25}
+    flat = torch.nn.Parameter(torch.cat([p.detach() for p in parts] + [torch.zeros(4)]))
+    separate = LayerScaledAdamW([{"params": parts, "weight_decay": 0.1}], scales)
+    together = LayerScaledAdamW([{"params": [flat], "weight_decay": 0.1}], scales)
+    together.bind_flat(flat, [(0, 5, 0.5), (5, 3, 0.5), (8, 4, 0.25)])
+    for step in range(3):
+        grads = [torch.randn(p.numel()) for p in parts]
+        for p, g in zip(parts, grads):
+            p.grad = g
+        flat.grad = torch.cat(grads + [torch.zeros(4)])
+        for optimizer in (separate, together):
+            apply_lr(optimizer, 0.1)
+            optimizer.step()
+    assert torch.equal(flat.detach()[:12], torch.cat([p.detach() for p in parts]))
+    assert torch.equal(flat.detach()[12:], torch.zeros(4))  # padding: zero gradient, zero weight
+    with pytest.raises(KeyError, match="no lr scale"):
+        LayerScaledAdamW([{"params": [flat]}], scales).step()
+
+
+def test_zero3_finetuning_with_scales_in_the_optimizer_matches_per_layer_groups(tmp_path):
+    """Real ZeRO-3 engines on 2 CPU ranks (each parameter partitioned in halves): layer decay as scales bound to
+    DeepSpeed's flat partitions gives the losses of one torch AdamW group per layer, with 2 groups instead of 8."""
+    from tests.test_train import ROOT, VENV_BIN, launch_env
+
+    out = tmp_path / "report.json"
+    port = str(29500 + (os.getpid() + 7) % 1000)
+    done = subprocess.run([os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", "2", "--master_port", port,
+                           "tests/zero3_layer_decay.py", str(out)], cwd=ROOT, env=launch_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    groups, scales, control = (report[k] for k in ("layer groups", "scales in optimizer", "no layer decay"))
+    assert report["world size"] == 2
+    assert (groups["optimizer"], scales["optimizer"]) == ("AdamW", "LayerScaledAdamW")
+    assert scales["zero3 groups"] == 2 < groups["zero3 groups"]
+    assert scales["losses"] == pytest.approx(groups["losses"], rel=1e-5)
+    assert control["losses"][1:] != pytest.approx(groups["losses"][1:], rel=1e-5)  # the scales are in effect

@@ -126,7 +126,8 @@ def test_single_gpu_zero3_views_of_vit_h_start_256_byte_aligned(mode):
         model = build_model(cfg, 224, 16)
 
     def alignments(m, align_views: bool):
-        groups = build_param_groups(m, 0.05, layer_decay=0.75 if mode == "finetune" else 1.0)
+        # ZeRO-3 flattens the weight-decay groups in both modes (finetuning's layer decay is inside the optimizer)
+        groups = build_param_groups(m, 0.05)
         if align_views:
             order_for_aligned_views(groups)
         offsets = gathered_weight_offsets(m, groups, world_size=1)
@@ -199,3 +200,20 @@ def test_resume_refuses_a_checkpoint_of_another_layout(tmp_path):
     # and its parameters were in the order before aligned views
     with pytest.raises(ConfigError, match=f"parameter layout 1 .checkpoint. vs {PARAM_LAYOUT} .now"):
         check_resume_layout(tmp_path / "older", cfg)
+
+
+def test_a_finetuning_checkpoint_with_per_layer_optimizer_groups_is_refused(tmp_path):
+    """Layout 2 finetuning checkpoints hold one ZeRO-3 optimizer partition per layer; today's engine has two. A
+    pretraining checkpoint of layout 2 has the two groups it has now, and still resumes."""
+    for mode, model in (("pretrain", "mae_vit_tiny_patch8"), ("finetune", "vit_tiny_patch8")):
+        cfg = JobConfig()
+        cfg.run.mode, cfg.model.name = mode, model
+        folder = tmp_path / mode
+        write_checkpoint_config(folder, cfg)
+        marker = json.loads((folder / COMPLETE_MARKER).read_text())
+        (folder / COMPLETE_MARKER).write_text(json.dumps({**marker, PARAM_LAYOUT_KEY: 2}))
+        if mode == "pretrain":
+            check_resume_layout(folder, cfg)
+        else:
+            with pytest.raises(ConfigError, match=f"parameter layout 2 .checkpoint. vs {PARAM_LAYOUT} .now"):
+                check_resume_layout(folder, cfg)

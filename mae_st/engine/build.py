@@ -21,9 +21,10 @@ from mae_st.config import JobConfig
 from mae_st.engine.distributed import DistEnv, seed_model_init
 from mae_st.engine.ds_config import default_ds_config_path, fill_ds_config, load_ds_config, uses_bf16
 from mae_st.engine.fused_params import fuse_block_parameters
-from mae_st.engine.optim import build_optimizer, weight_decay_rule
+from mae_st.engine.optim import LayerScaledAdamW, build_optimizer, weight_decay_rule
 from mae_st.engine.trainer import LossFn, build_loss_fn
-from mae_st.engine.zero import gather_block_stacks_under_zero3, order_for_aligned_views
+from mae_st.engine.zero import (bind_lr_scales_to_partitions, gather_block_stacks_under_zero3,
+                                order_for_aligned_views)
 from mae_st.models import build_model
 from mae_st.models.layers import Block, PackedBlock
 
@@ -48,6 +49,9 @@ class EngineOverrides:
     # parameters ordered so ZeRO-3's single-GPU views start 256-byte aligned (mae_st.engine.zero); False gives the
     # order used before 2026-12, to measure what alignment pays
     align_views: bool = True
+    # finetuning's layer-wise lr decay as one optimizer group per layer (torch AdamW, as before 2026-12-01) instead
+    # of scales inside one group per weight-decay setting (LayerScaledAdamW); other ZeRO stages always use groups
+    layer_groups: bool = False
 
     def __post_init__(self) -> None:
         if self.leaves not in LEAVES:
@@ -120,7 +124,10 @@ def build_engine(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = Engi
     if prepare is not None:
         prepare(model)
     cfg = effective_config(cfg, overrides)
-    optimizer = build_optimizer(model, cfg.optim, cfg.run.mode == "finetune", env.device)
+    optimizer = build_optimizer(model, cfg.optim, cfg.run.mode == "finetune", env.device,
+                                scales_in_optimizer=stage == 3 and not overrides.layer_groups)
+    if isinstance(optimizer, LayerScaledAdamW):  # DeepSpeed asks for this with any optimizer it does not know
+        ds_config["zero_allow_untested_optimizer"] = True
     if overrides.align_views:
         order_for_aligned_views(optimizer.param_groups)
     if overrides.leaves == "stack":
@@ -128,6 +135,7 @@ def build_engine(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = Engi
     elif overrides.leaves == "block" and stage == 3:
         set_z3_leaf_modules(model, [Block, PackedBlock])
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    bind_lr_scales_to_partitions(engine.optimizer)
     return BuiltEngine(model=engine.module, engine=engine, ds_config=ds_config, dtype=dtype,
                        loss_fn=build_loss_fn(cfg.run.mode, cfg.data.smoothing))
 

@@ -45,7 +45,11 @@ _LAYOUT = {
 # How the engine lays parameters out beyond what the settings say, written into COMPLETE_MARKER: 2 (2026-12) pads
 # packed blocks' views to PACK_ALIGN and orders the optimizer's parameters for aligned ZeRO-3 views
 # (mae_st.engine.zero.order_for_aligned_views), so DeepSpeed's flat optimizer state of layout 1 does not fit.
-PARAM_LAYOUT = 2
+# 3 (2026-12, later) keeps finetuning's layer-wise lr decay inside the optimizer (mae_st.engine.optim.LayerScaledAdamW)
+# with one group per weight-decay setting instead of one per layer; pretraining's groups did not change, so a
+# pretraining checkpoint of layout 2 still fits.
+PARAM_LAYOUT = 3
+FITTING_LAYOUTS = {"pretrain": {2, PARAM_LAYOUT}, "finetune": {PARAM_LAYOUT}}
 PARAM_LAYOUT_KEY = "param_layout"
 
 
@@ -97,7 +101,7 @@ def check_resume_layout(folder: Path, cfg: JobConfig) -> None:
             flag = "--model" if key == "model.name" else f"--{name}"
             differences.append(f"{flag} {then} (checkpoint) vs {now[section][name]} (now)")
     layout = marker.get(PARAM_LAYOUT_KEY, 1)
-    if layout != PARAM_LAYOUT:
+    if layout not in FITTING_LAYOUTS[cfg.run.mode]:
         differences.append(f"parameter layout {layout} (checkpoint) vs {PARAM_LAYOUT} (now; the engine's "
                            "parameter order changed, export the checkpoint's weights with the code that wrote it)")
     if differences:

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from deepspeed.utils import set_z3_leaf_modules
 
+from mae_st.engine.optim import LayerScaledAdamW
 from mae_st.models.layers import PACK_ALIGN, BlockStack, PackedBlock
 
 
@@ -46,6 +47,32 @@ def order_for_aligned_views(param_groups: List[Dict[str, Any]]) -> None:
     for group in param_groups:
         group["params"].sort(key=lambda p: not _aligned(p.numel()))  # stable: aligned ones first, order kept
     param_groups.sort(key=lambda g: not _aligned(sum(p.numel() for p in g["params"])))
+
+
+def bind_lr_scales_to_partitions(zero_optimizer: Any) -> None:
+    """Tells a `LayerScaledAdamW` inside a ZeRO-3 engine where each parameter sits in the flat fp32 partition
+    DeepSpeed hands it for each (sub-)group, so layer-wise lr decay survives the flattening.
+
+    DeepSpeed lays a sub-group's partitions back to back in `fp16_groups` order, each `partition_numel()` long
+    (stage3.py `_create_fp16_partitions_with_defragmentation`; the fp32 copy has the same layout). The offsets
+    are checked against the addresses of the bf16 partitions, so a DeepSpeed that lays them out otherwise is an
+    error here, not a silently wrong lr.
+    """
+    inner = getattr(zero_optimizer, "optimizer", None)
+    if not isinstance(inner, LayerScaledAdamW):
+        return
+    for sub_group, params in enumerate(zero_optimizer.fp16_groups):
+        flat = zero_optimizer.fp32_partitioned_groups_flat[sub_group]
+        flat16 = zero_optimizer.fp16_partitioned_groups_flat[sub_group]
+        parts, start = [], 0
+        for param in params:
+            numel = param.partition_numel()
+            if flat16 is not None and param.ds_tensor.data_ptr() != flat16.data_ptr() + start * flat16.element_size():
+                raise RuntimeError(f"ZeRO-3 sub-group {sub_group}: a partition is not where its order puts it; this "
+                                   "DeepSpeed lays partitions out differently, so layer-wise lr decay cannot be bound")
+            parts.append((start, numel, inner.scale_of(param)))
+            start += numel
+        inner.bind_flat(flat, parts)
 
 
 def gathered_weight_offsets(model: nn.Module, param_groups: Sequence[Dict[str, Any]],

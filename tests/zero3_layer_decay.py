@@ -1,0 +1,67 @@
+"""Run by tests/test_engine.py through the deepspeed launcher on 2 CPU ranks: finetuning steps of real ZeRO-3
+engines whose layer-wise lr decay is per-layer optimizer groups (torch AdamW) or scales bound to DeepSpeed's flat
+partitions (LayerScaledAdamW), and a control without layer decay. Rank 0 writes every variant's losses and the
+number of groups DeepSpeed flattened to the JSON path given as the only argument."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import deepspeed.comm as dist
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mae_st.config import JobConfig  # noqa: E402
+from mae_st.engine.build import EngineOverrides, build_engine  # noqa: E402
+from mae_st.engine.distributed import init_distributed  # noqa: E402
+from mae_st.engine.schedule import apply_lr  # noqa: E402
+
+STEPS = 4
+
+
+def finetune_config(layer_decay: float) -> JobConfig:
+    cfg = JobConfig()
+    cfg.run.mode, cfg.model.name, cfg.model.num_classes = "finetune", "vit_tiny_patch8", 4
+    cfg.data.img_size, cfg.data.num_frames, cfg.data.batch_size_per_gpu = 32, 4, 2
+    cfg.optim.layer_decay, cfg.optim.clip_grad = layer_decay, 5.0
+    return cfg
+
+
+def losses(env, layer_decay: float, overrides: EngineOverrides) -> dict:
+    cfg = finetune_config(layer_decay)
+    built = build_engine(cfg, env, overrides)
+    apply_lr(built.engine.optimizer, 3e-3)
+    generator = torch.Generator().manual_seed(100 + env.rank)  # each rank its own clips, every variant the same
+    out = []
+    for _ in range(STEPS):
+        clips = torch.randn(2, 3, 4, 32, 32, generator=generator)
+        targets = torch.randint(0, 4, (2,), generator=generator)
+        torch.manual_seed(7)  # the same drop-path draws for every variant
+        loss = built.loss_fn(built.engine, clips, targets)
+        built.engine.backward(loss)
+        built.engine.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        out.append(mean.item() / env.world_size)
+    groups = len(built.engine.optimizer.fp16_groups)
+    inner = type(built.engine.optimizer.optimizer).__name__
+    built.engine.destroy()
+    return {"losses": out, "zero3 groups": groups, "optimizer": inner}
+
+
+def main() -> None:
+    env = init_distributed()
+    report = {"world size": env.world_size,
+              "layer groups": losses(env, 0.75, EngineOverrides(layer_groups=True)),
+              "scales in optimizer": losses(env, 0.75, EngineOverrides()),
+              "no layer decay": losses(env, 1.0, EngineOverrides())}
+    if env.is_main:
+        out = next(arg for arg in sys.argv[1:] if not arg.startswith("--"))  # the launcher adds --local_rank=N
+        Path(out).write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
