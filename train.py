@@ -31,6 +31,7 @@ log = logging.getLogger("train")
 
 def main(argv: Optional[List[str]] = None) -> None:
     cfg = parse_job_config(argv)
+    sys.setswitchinterval(cfg.run.gil_switch_interval_ms / 1000)  # before any data thread starts
     env = init_distributed()
     setup_logging(env)
     run_job(cfg, env)

@@ -335,7 +335,8 @@ class Bench:
 
     def _cfg(self, finetune: bool, threads: int, **overrides) -> DataConfig:
         plan = self.plan
-        base = dict(num_frames=plan.num_frames, img_size=plan.img_size, num_threads=threads, prefetch_queue_depth=2,
+        base = dict(num_frames=plan.num_frames, img_size=plan.img_size, num_threads=threads, decoder_threads=threads,
+                    prefetch_queue_depth=2,
                     test_num_ensemble_views=10, test_num_spatial_crops=3)
         if finetune:
             base.update(sampling_rate=plan.finetune_rate, repeat_aug=1, rand_aug=True,
@@ -446,7 +447,8 @@ class Bench:
         plan, training = self.plan, mode != "eval"
         batch = {"finetune": plan.finetune_batch, "pretrain": plan.pretrain_batch, "eval": plan.eval_batch}[mode]
         cfg = self._cfg(finetune=mode != "pretrain", threads=plan.dali_threads, decoder=decoder,
-                        batch_size_per_gpu=batch, reprob=0.25, mixup=0.8, cutmix=1.0)
+                        batch_size_per_gpu=batch, reprob=0.25, mixup=0.8, cutmix=1.0,
+                        decoder_threads=DataConfig().decoder_threads)  # train.py's default
         one = list_shards(self._set("default"))
         shards = ShardSet(one.tars * 20, one.index_paths * 20, one.counts * 20)
         loader = VideoLoader(cfg, shards, training=training, mode=mode if training else "eval", rank=0,

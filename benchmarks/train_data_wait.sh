@@ -7,6 +7,7 @@
 #   EXTRA="--augment_ahead 0" TAG=inline bash benchmarks/train_data_wait.sh ...   # more flags; run folders get _TAG
 set -uo pipefail
 work=$1; out=$2; steps=${STEPS:-40}
+mkdir -p "$out"
 set_dir=$(dirname "$(find "$work" -name manifest.csv | grep -v mixed | head -1)")
 tars=$(ls "$set_dir"/*.tar | tr '\n' ',')
 pattern="{$(for _ in $(seq 20); do printf '%s' "$tars"; done | sed 's/,$//')}"

@@ -60,6 +60,10 @@ class DataConfig:
     decoder: str = "auto"
     # reused decoders: batches whose DALI augmentation runs ahead on a thread while the step runs; 0: inline
     augment_ahead: int = 2
+    # reused decoders: reader threads per GPU, each with its own decoder. 4, not more: inside train.py more threads
+    # slow the step they feed (ViT-B/16 on an H200: 4 threads 105 / 339 clips/s finetuning / pretraining, 8 threads
+    # 97 / 297, docs/performance.md), and 4 already decode ~190 clips/s of finetuning, ~720 of pretraining
+    decoder_threads: int = 4
     # jpeg-payload shards with decode on the GPU: decode the frames with libjpeg-turbo on the DALI threads ("cpu")
     # and move the clips to the GPU, or with nvJPEG ("gpu"); docs/performance.md compares them
     jpeg_decode_device: str = "cpu"
@@ -139,6 +143,11 @@ class RunConfig:
     # each transformer block's parameters as two flat tensors inside the engine (mae_st/engine/fused_params.py):
     # fewer tensors for DeepSpeed's per-parameter work (ViT-H MAE: 595 -> 91); exports keep the usual names
     fuse_block_params: bool = True
+    # how long a Python thread may hold the interpreter before another waiting one gets it (sys.setswitchinterval;
+    # Python's default is 5 ms). The training loop is the thread that matters, and the decoder and augmentation
+    # threads beside it otherwise keep it waiting up to 5 ms at a time (ViT-B/16 with 4 decoder threads on an H200:
+    # 0.5 ms gave 108.6 / 357.8 clips/s finetuning / pretraining against 105.0 / 339.2)
+    gil_switch_interval_ms: float = 0.5
 
 
 @dataclass
@@ -256,6 +265,8 @@ def _add_data_flags(d) -> None:
            choices=("auto", "nvdec", "dali", "pyav"))
     _value(d, "--augment_ahead", "data.augment_ahead", int, "with reused decoders (--decoder nvdec/pyav): batches "
            "augmented ahead on a thread while the step runs; 0 augments inside the step's wait for data")
+    _value(d, "--decoder_threads", "data.decoder_threads", int, "with reused decoders (--decoder nvdec/pyav): "
+           "reader threads per GPU, each with its own decoder")
     _value(d, "--num_threads", "data.num_threads", int, "DALI CPU threads per GPU in total: each of the "
            "--pipelines_per_gpu pipelines gets max(1, num_threads // pipelines_per_gpu)")
     _value(d, "--max_bad_sample_fraction", "data.max_bad_sample_fraction", float, "the run stops when more than "
@@ -339,6 +350,9 @@ def _add_run_flags(r) -> None:
     _value(r, "--log_interval", "run.log_interval", int, "steps between log.jsonl records (and the bar's clips/s)")
     _value(r, "--max_steps_per_epoch", "run.max_steps_per_epoch", int, "cap on the micro-steps of an epoch; 0: a "
            "full pass over the shards")
+    _value(r, "--gil_switch_interval_ms", "run.gil_switch_interval_ms", float, "longest a Python thread holds the "
+           "interpreter while others wait (sys.setswitchinterval; Python's default 5): short keeps the training "
+           "loop from waiting on the data threads")
     _value(r, "--max_nonfinite_steps", "run.max_nonfinite_steps", int, "consecutive NaN/inf-loss steps skipped "
            "before the run stops with an error")
     _value(r, "--local_rank", "run.local_rank", int, "the process's GPU on its node; the DeepSpeed launcher passes "
@@ -411,13 +425,16 @@ def validate_job_config(cfg: JobConfig) -> None:
                         ("--num_frames", data.num_frames), ("--img_size", data.img_size),
                         ("--log_interval", run.log_interval), ("--num_checkpoint_del", run.keep_checkpoints),
                         ("--checkpoint_period", run.checkpoint_period),
-                        ("--pipeline_segment_batches", data.pipeline_segment_batches)):
+                        ("--pipeline_segment_batches", data.pipeline_segment_batches),
+                        ("--decoder_threads", data.decoder_threads)):
         if value < 1:
             raise ConfigError(f"{flag} {value}: must be >= 1")
     if not 0.0 <= data.flip_prob <= 1.0:
         raise ConfigError(f"--flip_prob {data.flip_prob}: must be in [0, 1]")
     if not 0.0 <= data.max_bad_sample_fraction <= 1.0:
         raise ConfigError(f"--max_bad_sample_fraction {data.max_bad_sample_fraction}: must be in [0, 1]")
+    if run.gil_switch_interval_ms <= 0:
+        raise ConfigError(f"--gil_switch_interval_ms {run.gil_switch_interval_ms}: must be > 0")
     if data.augment_ahead < 0:
         raise ConfigError(f"--augment_ahead {data.augment_ahead}: must be >= 0 (0 augments inline)")
     if data.pipelines_per_gpu < 0:

@@ -98,7 +98,8 @@ def bad_shard(tmp_path_factory) -> str:
 
 def tiny_config(**overrides) -> DataConfig:
     base = DataConfig(num_frames=4, sampling_rate=3, img_size=32, repeat_aug=3, batch_size_per_gpu=2,
-                      num_threads=2, prefetch_queue_depth=2, test_num_ensemble_views=2, test_num_spatial_crops=3)
+                      num_threads=2, decoder_threads=2, prefetch_queue_depth=2, test_num_ensemble_views=2,
+                      test_num_spatial_crops=3)
     return dataclasses.replace(base, **overrides)
 
 

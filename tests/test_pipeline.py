@@ -98,7 +98,7 @@ def shards(tmp_path_factory, payload) -> str:
 
 def tiny_config(shards: str, **overrides) -> DataConfig:
     base = DataConfig(train_shards=shards, val_shards=shards, num_frames=4, sampling_rate=3, img_size=32,
-                      repeat_aug=3, batch_size_per_gpu=2, num_threads=2, shuffle_buffer=4,
+                      repeat_aug=3, batch_size_per_gpu=2, num_threads=2, decoder_threads=2, shuffle_buffer=4,
                       test_num_ensemble_views=2, test_num_spatial_crops=3, decode_device=DECODE)
     return dataclasses.replace(base, **overrides)
 

@@ -16,7 +16,7 @@
 - Clip starts come from a generator seeded by (seed, epoch, sample key) (`mae_st.data.frames.sample_rng`), with the
   DALI graph's temporal sampling; spatial augmentation is DALI's (`mae_st.data.pipeline.augment_train_clips` /
   `augment_eval_views`), so every backend augments alike.
-- Decoding starts in the constructor: cfg.num_threads threads, each with its own decoder (and CUDA stream),
+- Decoding starts in the constructor: cfg.decoder_threads threads, each with its own decoder (and CUDA stream),
   keep up to cfg.prefetch_queue_depth batches decoded ahead. Pass `reader=` to reuse one ClipReader (its threads
   and decoder sessions) across epochs; the stream then leaves it open.
 - `decoder`: "nvdec" (PyNvVideoCodec on `device`, frames stay on the GPU; check
@@ -100,8 +100,8 @@ class ClipStream:
         self.delivered = 0
         factory = decoder_factory(decoder, device)  # checks the kind before any thread starts
         self._owns_reader = reader is None
-        ahead = max(cfg.prefetch_queue_depth * batch_size, cfg.num_threads)
-        self.reader = reader or ClipReader(factory, cfg.num_threads, ahead, timeout_s)
+        ahead = max(cfg.prefetch_queue_depth * batch_size, cfg.decoder_threads)
+        self.reader = reader or ClipReader(factory, cfg.decoder_threads, ahead, timeout_s)
         on_gpu = device.type == "cuda"
         spec = ExternalSpec(batch_size=batch_size,
                             clips_per_sample=cfg.repeat_aug if training else cfg.test_num_ensemble_views,

@@ -150,7 +150,7 @@ class VideoLoader:
         self._readers = ([self._decoder_threads() for _ in range(self.num_pipelines)] if self.decoder is not None
                          else [None] * self.num_pipelines)
         log.info("decoding with %s, %d pipeline(s) of %d threads", self.decoder or "DALI's reader graph",
-                 self.num_pipelines, self._pipe_cfg.num_threads)
+                 self.num_pipelines, cfg.decoder_threads if self.decoder else self._pipe_cfg.num_threads)
         self._steps = (train_steps_per_epoch(self.num_samples, world_size, cfg.batch_size_per_gpu)
                        if training else None)
         self.epoch, self.start_step = 0, 0
@@ -205,7 +205,7 @@ class VideoLoader:
         from mae_st.data.clip_reader import DEFAULT_TIMEOUT_S, ClipReader
         from mae_st.data.clip_stream import decoder_factory
 
-        threads = self._pipe_cfg.num_threads
+        threads = self.cfg.decoder_threads
         ahead = max(self.cfg.prefetch_queue_depth * self.cfg.batch_size_per_gpu, threads)
         return ClipReader(decoder_factory(self.decoder, self.device), threads, ahead, DEFAULT_TIMEOUT_S)
 
