@@ -5,8 +5,8 @@ On the GPU machine (one H200, about 6 minutes; the table, then $OUT/profile_step
     python3 benchmarks/profile_step.py --suite issue16 --out $OUT/profile_step.json
 
 That suite is ViT-H/14 MAE-ST pretraining at 16 and 64 clips, ViT-H/14 finetuning at 8 clips and ViT-B/16 finetuning
-at 16 clips, each with the variants eager, z3 (train.py's engine), z3-unaligned, z3-autocast, z3-nopack, z0; rows
-past `--budget_s` are listed as skipped rather than cut off. A single configuration:
+at 16 clips, each with the variants eager, z3 (train.py's engine), z3-layergroups, z3-unaligned, z3-autocast,
+z3-nopack, z0; rows past `--budget_s` are listed as skipped rather than cut off. A single configuration:
 
     python3 benchmarks/profile_step.py --mode finetune --clips 8 --variants eager,z3,z3-nopack
     DS_ACCELERATOR=cpu python benchmarks/profile_step.py --tiny --suite issue16 --steps 2   # CPU check, ~1 min
@@ -108,7 +108,7 @@ VARIANTS: Dict[str, Variant] = {
     "z0": Variant("ZeRO-0 bf16 (DeepSpeed's bf16 optimizer), packed blocks", EngineOverrides(zero_stage=0)),
     "z0-autocast": Variant("ZeRO-0 with torch_autocast", EngineOverrides(zero_stage=0, torch_autocast=True)),
 }
-ISSUE16_VARIANTS = "eager,z3,z3-unaligned,z3-autocast,z3-nopack,z0"
+ISSUE16_VARIANTS = "eager,z3,z3-layergroups,z3-unaligned,z3-autocast,z3-nopack,z0"
 # (label, mode, model, clips) of the issue-16 suite, most telling first (a budget cut drops the last ones)
 ISSUE16_SUITE = (("ViT-H/14 pretrain, 16 clips", "pretrain", "mae_vit_huge_patch14", 16),
                  ("ViT-H/14 finetune, 8 clips", "finetune", "vit_huge_patch14", 8),
