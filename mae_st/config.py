@@ -60,9 +60,9 @@ class DataConfig:
     decoder: str = "auto"
     # reused decoders: batches whose DALI augmentation runs ahead on a thread while the step runs; 0: inline
     augment_ahead: int = 2
-    # reused decoders: reader threads per GPU, each with its own decoder. 4, not more: inside train.py more threads
-    # slow the step they feed (ViT-B/16 on an H200: 4 threads 105 / 339 clips/s finetuning / pretraining, 8 threads
-    # 97 / 297, docs/performance.md), and 4 already decode ~190 clips/s of finetuning, ~720 of pretraining
+    # reused decoders: reader threads per GPU, each with its own decoder. 4, not 8: 8 decode a little faster alone
+    # (~210 against ~190 finetuning clips/s on an H200) but inside train.py they slowed the step they feed (ViT-B/16,
+    # one run: 97 / 297 clips/s finetuning / pretraining with 8, 105 / 339 with 4; docs/performance.md)
     decoder_threads: int = 4
     # jpeg-payload shards with decode on the GPU: decode the frames with libjpeg-turbo on the DALI threads ("cpu")
     # and move the clips to the GPU, or with nvJPEG ("gpu"); docs/performance.md compares them
@@ -145,8 +145,8 @@ class RunConfig:
     fuse_block_params: bool = True
     # how long a Python thread may hold the interpreter before another waiting one gets it (sys.setswitchinterval;
     # Python's default is 5 ms). The training loop is the thread that matters, and the decoder and augmentation
-    # threads beside it otherwise keep it waiting up to 5 ms at a time (ViT-B/16 with 4 decoder threads on an H200:
-    # 0.5 ms gave 108.6 / 357.8 clips/s finetuning / pretraining against 105.0 / 339.2)
+    # threads beside it otherwise keep it waiting up to 5 ms at a time (ViT-B/16 finetuning with 4 decoder threads
+    # on an H200: data wait 1.7 % against 3.0 %, clips/s a few % higher; docs/performance.md)
     gil_switch_interval_ms: float = 0.5
 
 

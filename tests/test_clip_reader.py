@@ -8,8 +8,11 @@ does, as its correctness check).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -313,3 +316,17 @@ def test_nvdec_reports_why_it_is_unavailable_and_how_to_get_it():
     with pytest.raises(ValueError, match="use 'pyav'"):
         ClipStream([], 1, tiny_config(), training=True, mode="pretrain", seed=0, epoch=0,
                    device=torch.device("cpu"), decoder="nvdec")
+
+
+def test_decode_processes_benchmark_runs_its_thread_and_process_rows(shard, tmp_path):
+    """benchmarks/decode_processes.py (the GPU measurement that kept decoding in threads) on PyAV: every row kind
+    (threads, processes, clips handed over between processes) decodes clips and reports them."""
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, "benchmarks/decode_processes.py", "--shards", shard, "--decoder", "pyav",
+                           "--seconds", "1", "--rows", "finetune:1x2,pretrain:2x1:ipc", "--out", str(out)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["mode"], r["procs"], r["threads"], r["ipc"]) for r in rows] == [("finetune", 1, 2, False),
+                                                                             ("pretrain", 2, 1, True)]
+    assert all(r["clips/s"] > 0 for r in rows) and rows[1]["received/s"] > 0

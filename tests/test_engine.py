@@ -1,5 +1,6 @@
-"""Engine pieces without a launch: flags -> config, param groups, layer decay, lr schedule, DeepSpeed JSON
-filling, checkpoint selection, pretrained-weight errors."""
+"""Engine pieces: flags -> config, param groups, layer decay (and LayerScaledAdamW, once through real ZeRO-3 engines
+on 2 CPU ranks), lr schedule, DeepSpeed JSON filling, checkpoint selection, pretrained-weight errors, the step
+benchmarks on tiny models."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,12 +179,6 @@ def test_mismatched_pretrained_weights_name_the_flag(tmp_path):
 
 def run_benchmark(tmp_path, script: str, *args: str) -> dict:
     """Runs benchmarks/<script> on DeepSpeed's CPU accelerator (one rank, this interpreter); returns its JSON."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     out = tmp_path / f"{script}.json"
     done = subprocess.run([sys.executable, f"benchmarks/{script}.py", *args, "--out", str(out)],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
@@ -283,3 +280,19 @@ def test_zero3_finetuning_with_scales_in_the_optimizer_matches_per_layer_groups(
     assert scales["zero3 groups"] == 2 < groups["zero3 groups"]
     assert scales["losses"] == pytest.approx(groups["losses"], rel=1e-5)
     assert control["losses"][1:] != pytest.approx(groups["losses"][1:], rel=1e-5)  # the scales are in effect
+
+
+def test_layer_scaled_adamw_resumes_from_its_state_dict():
+    """A saved and reloaded optimizer continues exactly (torch's load_state_dict leaves a loaded `step` on the
+    device it was saved from; the step moves it to its parameter's)."""
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch8", img_size=32, num_frames=4, num_classes=5).eval()
+    twin = copy.deepcopy(model)
+    first = LayerScaledAdamW(build_param_groups(model, 0.05), layer_lr_scales(model, 0.75))
+    _train_a_few_steps(model, first, steps=2)
+    twin.load_state_dict(model.state_dict())
+    second = LayerScaledAdamW(build_param_groups(twin, 0.05), layer_lr_scales(twin, 0.75))
+    second.load_state_dict(copy.deepcopy(first.state_dict()))  # as torch.save / torch.load hand it over
+    _train_a_few_steps(model, first, steps=2)
+    _train_a_few_steps(twin, second, steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))

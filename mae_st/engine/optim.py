@@ -152,6 +152,8 @@ class LayerScaledAdamW(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                if state["step"].device != param.device:  # torch's load_state_dict keeps a loaded step on the CPU
+                    state["step"] = state["step"].to(param.device, torch.float32)
                 state["step"] += 1
                 by_scale: Dict[float, List[Tuple[int, int]]] = defaultdict(list)
                 for start, numel, scale in self._ranges(param):
