@@ -330,3 +330,20 @@ def test_decode_processes_benchmark_runs_its_thread_and_process_rows(shard, tmp_
     assert [(r["mode"], r["procs"], r["threads"], r["ipc"]) for r in rows] == [("finetune", 1, 2, False),
                                                                              ("pretrain", 2, 1, True)]
     assert all(r["clips/s"] > 0 for r in rows) and rows[1]["received/s"] > 0
+
+
+@pytest.mark.parametrize("preset", [None, "TRACE"])
+def test_pynvvideocodec_is_imported_with_its_per_video_warnings_off_unless_the_user_chose(monkeypatch, preset):
+    """The library's C++ logger warns once per webm video; the import sets its level to ERROR first, keeping a
+    level the user set. (On this CPU machine the import itself fails: that is what callers catch.)"""
+    from mae_st.data import nvdec
+
+    if preset is None:
+        monkeypatch.delenv("LOGGER_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("LOGGER_LEVEL", preset)
+    try:
+        nvdec._import_pynvvideocodec()
+    except Exception:  # noqa: BLE001 - ImportError without the package, RuntimeError without the driver's libraries
+        pass
+    assert os.environ["LOGGER_LEVEL"] == (preset or "ERROR")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -37,13 +38,29 @@ FAST_PATH_HINT = (f"pip install {PACKAGE} (or the [gpu] extra), in a container t
                   "libraries (NVIDIA_DRIVER_CAPABILITIES including video, e.g. compute,utility,video)")
 
 
+# PyNvVideoCodec's C++ logger prints a warning line for every webm video it opens ("Container format is
+# matroska,webm. , Seek accuracy may be impacted."): 1,536 lines in a 40-step ViT-B/16 finetuning run, millions in a
+# long one. Its level comes from LOGGER_LEVEL (TRACE, DEBUG, WARN, ERROR, FATAL); errors still print, and a level
+# the user set is kept. The seeking it warns about was checked: NVDEC's frames of the packed footage against PyAV's,
+# none misaligned (docs/performance.md, 2026-12-01). That the library honours LOGGER_LEVEL is read from its binary
+# (simplelogger's GetLogLevelFromEnv and those level names), not yet seen on a GPU.
+_LIBRARY_LOG_LEVEL = ("LOGGER_LEVEL", "ERROR")
+
+
+def _import_pynvvideocodec():
+    os.environ.setdefault(*_LIBRARY_LOG_LEVEL)
+    import PyNvVideoCodec
+
+    return PyNvVideoCodec
+
+
 @functools.lru_cache(maxsize=None)
 def nvdec_unavailable_reason() -> Optional[str]:
     """None when reused NVDEC decoders can run here (a CUDA GPU and an importable PyNvVideoCodec), else why not."""
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible to PyTorch"
     try:
-        import PyNvVideoCodec  # noqa: F401
+        _import_pynvvideocodec()
     except ImportError as err:
         return f"PyNvVideoCodec is not installed ({err})"
     except Exception as err:  # noqa: BLE001 - RuntimeError "Failed to load NVENC library: libnvidia-encode.so.1"
@@ -65,9 +82,7 @@ class NvdecDecoder:
         reason = nvdec_unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"NVDEC decoding is unavailable: {reason}. {FAST_PATH_HINT}")
-        import PyNvVideoCodec as nvc
-
-        self._nvc = nvc
+        self._nvc = _import_pynvvideocodec()
         self.gpu_id, self.max_size = gpu_id, max_size
         self.device = torch.device("cuda", gpu_id)
         self.stream = torch.cuda.Stream(device=self.device)
