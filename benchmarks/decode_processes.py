@@ -5,6 +5,8 @@ clips/s with 1 / 4 / 6 / 8 threads on an H200, NVDEC 10-26 % busy), and inside t
 the step's interpreter. This measures decode alone (ClipReader + NvdecDecoder, no augmentation) for P processes
 x T threads, and the same with the decoded clips handed to the parent through CUDA IPC (torch.multiprocessing),
 which is what a decode-process design would pay. Each row reports clips/s and the CPU cores its processes used.
+On an H200 (2026-12-01, docs/performance.md) two or more decoding processes were 2.5-4x slower than one process
+with the same threads, so decoding stays in threads.
 
     source .devcarry/c4/install.sh && python3 benchmarks/decode_processes.py --shards /root/bench_nvdec/shards/default
 """

@@ -234,7 +234,7 @@ def test_layer_scaled_adamw_is_adamw_with_a_group_per_layer():
     assert len(optimizer.param_groups) == 2
     _train_a_few_steps(scaled, optimizer)
     _train_a_few_steps(unscaled, LayerScaledAdamW(build_param_groups(unscaled, 0.05), layer_lr_scales(unscaled, 1)))
-    for (name, want), got, control in zip(reference.named_parameters(), scaled.parameters(), unscaled.parameters()):
+    for (name, want), got in zip(reference.named_parameters(), scaled.parameters()):
         assert torch.equal(want, got), name
     assert not all(torch.equal(a, b) for a, b in zip(reference.parameters(), unscaled.parameters()))
 
@@ -264,7 +264,8 @@ def test_a_flat_tensor_bound_by_ranges_updates_like_its_parts():
 
 def test_zero3_finetuning_with_scales_in_the_optimizer_matches_per_layer_groups(tmp_path):
     """Real ZeRO-3 engines on 2 CPU ranks (each parameter partitioned in halves): layer decay as scales bound to
-    DeepSpeed's flat partitions gives the losses of one torch AdamW group per layer, with 2 groups instead of 8."""
+    DeepSpeed's flat partitions gives the losses of one torch AdamW group per layer, with 2 groups instead of one
+    per layer and weight-decay setting."""
     from tests.test_train import ROOT, VENV_BIN, launch_env
 
     out = tmp_path / "report.json"
