@@ -19,7 +19,7 @@ from mae_st.engine.fused_params import FUSED_DECAY, FUSED_NO_DECAY, fuse_block_p
 from mae_st.engine.optim import build_param_groups, weight_decay_rule
 from mae_st.engine.zero import byte_alignment, gathered_weight_offsets, linear_weight_names, order_for_aligned_views
 from mae_st.models import build_model, create_model
-from mae_st.models.layers import PACK_ALIGN, Block, PackedBlock, block_decayed_names
+from mae_st.models.layers import PACK_ALIGN, PackedBlock, block_decayed_names
 
 TINY_MAE = dict(img_size=32, num_frames=4, pred_t_dim=4, decoder_embed_dim=32, decoder_depth=1,
                 decoder_num_heads=4)
