@@ -48,7 +48,7 @@ from mae_st.config import DataConfig  # noqa: E402
 from mae_st.data.format import index_name_for  # noqa: E402
 from mae_st.data.frames import sample_members  # noqa: E402
 from mae_st.data.index import SampleRef, read_shard_indexes  # noqa: E402
-from mae_st.data.shards import list_shards  # noqa: E402
+from mae_st.data.shards import list_samples, list_shards  # noqa: E402
 
 MIXED_SIZES = ((320, 240), (342, 256), (456, 256))  # width, height
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # DALI's rand_augment names deprecated aliases
@@ -215,8 +215,7 @@ class Bench:
                 "MB": sum(os.path.getsize(t) for t in list_shards(str(out)).tars) / 1e6}
 
     def _samples(self, folder: str) -> List[SampleRef]:
-        shards = list_shards(folder)
-        return [ref for refs in read_shard_indexes(shards.tars, shards.index_paths) for ref in refs]
+        return list_samples(folder)
 
     def _set(self, name: str) -> str:
         path = self.sets.get(name) or str(self.work / "shards" / name)

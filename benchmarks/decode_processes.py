@@ -26,15 +26,9 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from mae_st.config import DataConfig  # noqa: E402
-from mae_st.data.index import read_shard_indexes  # noqa: E402
-from mae_st.data.shards import list_shards  # noqa: E402
+from mae_st.data.shards import list_samples  # noqa: E402
 
 MODES = {"finetune": dict(sampling_rate=4, repeat_aug=1), "pretrain": dict(sampling_rate=8, repeat_aug=16)}
-
-
-def _samples(folder: str):
-    shards = list_shards(folder)
-    return [ref for refs in read_shard_indexes(shards.tars, shards.index_paths) for ref in refs]
 
 
 def _worker(rank, procs, threads, mode, folder, ipc, kind, ready, out, start, stop):
@@ -45,7 +39,7 @@ def _worker(rank, procs, threads, mode, folder, ipc, kind, ready, out, start, st
     if device.type == "cuda":
         torch.cuda.set_device(device)
     cfg = DataConfig(num_frames=16, **MODES[mode])
-    samples = _samples(folder)[rank::procs] * 200
+    samples = list_samples(folder)[rank::procs] * 200
     plan = ClipPlan(cfg, training=True, seed=rank, epoch=0)
     reader = ClipReader(decoder_factory(kind, device), threads, ahead=max(2 * threads, 4))
     results = reader.read(plan.request(ref) for ref in samples)

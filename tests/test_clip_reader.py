@@ -27,10 +27,9 @@ from mae_st.data.clip_reader import ClipReader, DecodedSample, SampleFailure, Sa
 from mae_st.data.clip_stream import ClipPlan, ClipStream
 from mae_st.data.format import SampleMeta, index_name_for, shard_name
 from mae_st.data.frames import sample_clip_indices, sample_members, sample_rng, uniform_starts
-from mae_st.data.index import read_shard_indexes
 from mae_st.data.nvdec import fallback_message, nvdec_unavailable_reason
 from mae_st.data.pyav_decode import PyAVDecoder
-from mae_st.data.shards import list_shards
+from mae_st.data.shards import list_samples
 from tests.video_factory import decode_frame_index, frame_index_frames, write_video
 
 DECODER = os.environ.get("MAE_ST_TEST_DECODER", "pyav")  # pyav | nvdec
@@ -76,11 +75,6 @@ def write_shard(folder: Path, frames_by_key: dict, broken: dict = None) -> str:
     return str(folder)
 
 
-def samples_of(folder: str):
-    shards = list_shards(folder)
-    return [ref for refs in read_shard_indexes(shards.tars, shards.index_paths) for ref in refs]
-
-
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory) -> str:
     frames = {f"v{i}": video_frames(SHORT if i % 4 == 3 else LONG, i) for i in range(8)}
@@ -93,7 +87,7 @@ def bad_shard(tmp_path_factory) -> str:
     frames = {f"v{i}": video_frames(LONG, i) for i in range(6)}
     folder = write_shard(tmp_path_factory.mktemp("bad"), frames,
                          broken={"v1": {"webm": b"\x1aE\xdf\xa3 not a video" * 50}, "v3": {"json": b"{not json"}})
-    last = samples_of(folder)[-1]
+    last = list_samples(folder)[-1]
     offset, size, _ = sample_members(last)["webm"]
     os.truncate(last.tar, offset + size // 2)
     return folder
@@ -128,7 +122,7 @@ def read_all(reader: ClipReader, requests) -> list:
 
 
 def test_frames_read_back_from_pixels_are_the_requested_ones(shard):
-    refs = samples_of(shard)
+    refs = list_samples(shard)
     with ClipReader(make_decoder, num_threads=2, ahead=4) as reader:
         long_video, short_video = read_all(reader, [SampleRequest(refs[0], fixed_clips([0, 3, 6, 9], [33, 35, 37, 39])),
                                                     SampleRequest(refs[3], fixed_clips([0, 3, 6, 9]))])
@@ -140,7 +134,7 @@ def test_frames_read_back_from_pixels_are_the_requested_ones(shard):
 
 def test_training_clips_follow_seed_epoch_and_key_with_the_graph_stride(shard):
     cfg = tiny_config(repeat_aug=4)
-    refs = samples_of(shard)
+    refs = list_samples(shard)
     plan = ClipPlan(cfg, training=True, seed=3, epoch=1)
     with ClipReader(make_decoder, num_threads=2, ahead=4) as reader:
         forward = read_all(reader, [plan.request(ref) for ref in refs])
@@ -155,7 +149,7 @@ def test_training_clips_follow_seed_epoch_and_key_with_the_graph_stride(shard):
 
 
 def test_repeat_aug_clips_and_eval_views_decode_each_video_once(shard):
-    refs = samples_of(shard)
+    refs = list_samples(shard)
     runs = ((tiny_config(repeat_aug=4), True, 4), (tiny_config(test_num_ensemble_views=3), False, 3))
     for cfg, training, clips in runs:
         plan = ClipPlan(cfg, training=training, seed=0, epoch=0)
@@ -173,7 +167,7 @@ def test_repeat_aug_clips_and_eval_views_decode_each_video_once(shard):
 def test_bad_samples_are_reported_and_every_good_one_delivered_once_in_order(bad_shard, caplog):
     cfg = tiny_config(test_num_ensemble_views=1, test_num_spatial_crops=1, batch_size_per_gpu=2)
     reported = []
-    stream = ClipStream(samples_of(bad_shard), 2, cfg, training=False, mode="eval", seed=0, epoch=0,
+    stream = ClipStream(list_samples(bad_shard), 2, cfg, training=False, mode="eval", seed=0, epoch=0,
                         device=DEVICE, decoder=DECODER, on_failure=reported.append)
     with stream, caplog.at_level(logging.WARNING):
         batches = list(stream)
@@ -211,7 +205,7 @@ class HangingDecoder:
 
 
 def test_a_hanging_decoder_call_fails_its_sample_without_hanging_the_read(shard):
-    refs = samples_of(shard)[:4]
+    refs = list_samples(shard)[:4]
     reader = ClipReader(HangingDecoder, num_threads=2, ahead=4, timeout_s=1.0)
     try:
         results = read_all(reader, [SampleRequest(ref, fixed_clips([0, 1])) for ref in refs])
@@ -229,7 +223,7 @@ def test_a_hanging_decoder_call_fails_its_sample_without_hanging_the_read(shard)
 
 def test_close_joins_every_reader_thread(shard):
     reader = ClipReader(make_decoder, num_threads=3, ahead=2)
-    results = reader.read([SampleRequest(ref, fixed_clips([0])) for ref in samples_of(shard)])
+    results = reader.read([SampleRequest(ref, fixed_clips([0])) for ref in list_samples(shard)])
     next(results)  # leave work queued and in flight
     threads = list(reader.workers)
     reader.close()
@@ -239,7 +233,7 @@ def test_close_joins_every_reader_thread(shard):
 
 def test_training_stream_gives_normalised_crops_of_mixed_resolution_videos(shard):
     cfg = tiny_config(repeat_aug=3)
-    stream = ClipStream(samples_of(shard), 2, cfg, training=True, mode="pretrain", seed=0, epoch=0,
+    stream = ClipStream(list_samples(shard), 2, cfg, training=True, mode="pretrain", seed=0, epoch=0,
                         device=DEVICE, decoder=DECODER)
     with stream:
         batches = list(stream)
@@ -257,7 +251,7 @@ def test_training_stream_gives_normalised_crops_of_mixed_resolution_videos(shard
 
 def test_eval_stream_gives_every_view_and_crop_of_each_video(shard):
     cfg = tiny_config(test_num_ensemble_views=2, test_num_spatial_crops=3)
-    stream = ClipStream(samples_of(shard), 3, cfg, training=False, mode="eval", seed=0, epoch=0, device=DEVICE,
+    stream = ClipStream(list_samples(shard), 3, cfg, training=False, mode="eval", seed=0, epoch=0, device=DEVICE,
                         decoder=DECODER, half=True)
     with stream:
         batches = list(stream)
@@ -272,7 +266,7 @@ def test_eval_stream_gives_every_view_and_crop_of_each_video(shard):
 
 def test_finetune_stream_runs_rand_augment(shard):
     cfg = tiny_config(repeat_aug=1, rand_aug=True)
-    with ClipStream(samples_of(shard)[:4], 2, cfg, training=True, mode="finetune", seed=0, epoch=0,
+    with ClipStream(list_samples(shard)[:4], 2, cfg, training=True, mode="finetune", seed=0, epoch=0,
                     device=DEVICE, decoder=DECODER) as stream:
         shapes = [clips.shape for clips, _ in stream]
     assert shapes == [(2, 1, 3, 4, 32, 32)] * 2
@@ -291,7 +285,7 @@ def test_flip_prob_zero_never_flips_and_one_always_does(ramp_shard):
     left_darker = {}
     for flip_prob in (0.0, 1.0):
         cfg = tiny_config(repeat_aug=4, sampling_rate=1, flip_prob=flip_prob)
-        with ClipStream(samples_of(ramp_shard), 2, cfg, training=True, mode="pretrain", seed=0, epoch=0,
+        with ClipStream(list_samples(ramp_shard), 2, cfg, training=True, mode="pretrain", seed=0, epoch=0,
                         device=DEVICE, decoder=DECODER) as stream:
             clips = torch.cat([c for c, _ in stream]).flatten(0, 1).float().cpu()  # (16 clips, C, T, H, W)
         half = clips.shape[-1] // 2

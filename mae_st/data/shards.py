@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import glob
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -18,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 from braceexpand import braceexpand
 
 from mae_st.data.format import MANIFEST_NAME, SHARD_SUFFIX, index_name_for
-from mae_st.data.index import declared_count
+from mae_st.data.index import SampleRef, declared_count, read_shard_indexes
 
 _GLOB_CHARS = set("*?[")
 
@@ -57,6 +56,12 @@ def list_shards(spec: str) -> ShardSet:
             raise FileNotFoundError(f"manifest {spec} not found")
         return _from_manifest(spec)
     return _from_tars(_expand_pattern(spec), spec)
+
+
+def list_samples(spec: str) -> List[SampleRef]:
+    """Every sample of a shard set (anything `list_shards` takes), tar by tar, in index order."""
+    shards = list_shards(spec)
+    return [ref for refs in read_shard_indexes(shards.tars, shards.index_paths) for ref in refs]
 
 
 def read_index_count(index_path: str) -> Optional[int]:
