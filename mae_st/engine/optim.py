@@ -106,7 +106,8 @@ class LayerScaledAdamW(torch.optim.Optimizer):
                  betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         super().__init__(param_groups, dict(lr=0.0, betas=tuple(betas), eps=eps, weight_decay=0.0))
         self._scale_of = {id(param): float(scale) for param, scale in scales.items()}
-        self._runs: Dict[int, List[Tuple[int, int, float]]] = {}  # id(flat tensor) -> (start, numel, scale)
+        # id(flat tensor) -> {scale: [(start, numel), ...]}: the ranges one fused kernel call updates together
+        self._ranges_by_scale: Dict[int, Dict[float, List[Tuple[int, int]]]] = {}
 
     def scale_of(self, param: torch.Tensor) -> float:
         try:
@@ -126,17 +127,18 @@ class LayerScaledAdamW(torch.optim.Optimizer):
             runs += [(cursor, start - cursor, 1.0)] if start > cursor else []
             runs += [(start, numel, scale)] if numel else []
             cursor = start + numel
-        merged: List[Tuple[int, int, float]] = []
-        for start, numel, scale in runs:  # neighbours with one scale become one range
-            if merged and merged[-1][2] == scale and merged[-1][0] + merged[-1][1] == start:
-                merged[-1] = (merged[-1][0], merged[-1][1] + numel, scale)
+        by_scale: Dict[float, List[Tuple[int, int]]] = defaultdict(list)
+        for start, numel, scale in runs:
+            ranges = by_scale[scale]
+            if ranges and sum(ranges[-1]) == start:  # neighbours with one scale become one range
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + numel)
             else:
-                merged.append((start, numel, scale))
-        self._runs[id(flat)] = merged
+                ranges.append((start, numel))
+        self._ranges_by_scale[id(flat)] = dict(by_scale)
 
-    def _ranges(self, param: torch.Tensor) -> List[Tuple[int, int, float]]:
-        runs = self._runs.get(id(param))
-        return runs if runs is not None else [(0, param.numel(), self.scale_of(param))]
+    def _ranges(self, param: torch.Tensor) -> Dict[float, List[Tuple[int, int]]]:
+        bound = self._ranges_by_scale.get(id(param))
+        return bound if bound is not None else {self.scale_of(param): [(0, param.numel())]}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -155,11 +157,8 @@ class LayerScaledAdamW(torch.optim.Optimizer):
                 if state["step"].device != param.device:  # torch's load_state_dict keeps a loaded step on the CPU
                     state["step"] = state["step"].to(param.device, torch.float32)
                 state["step"] += 1
-                by_scale: Dict[float, List[Tuple[int, int]]] = defaultdict(list)
-                for start, numel, scale in self._ranges(param):
-                    by_scale[scale].append((start, numel))
                 tensors = [t.view(-1) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
-                for scale, ranges in by_scale.items():
+                for scale, ranges in self._ranges(param).items():
                     views = [[t.narrow(0, start, numel) for start, numel in ranges] for t in tensors]
                     # the fused kernel reads the step count (torch's own AdamW increments it beforehand, as here)
                     torch._fused_adamw_(*views, [], [state["step"]] * len(ranges), lr=group["lr"] * scale,
