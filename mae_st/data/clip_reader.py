@@ -33,7 +33,7 @@ import torch
 
 from mae_st.data.format import META_EXT, VIDEO_EXTS, SampleMeta
 from mae_st.data.frames import sample_members
-from mae_st.data.index import SampleRef
+from mae_st.data.index import SampleRef, read_member as read_tar_member
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +116,12 @@ def read_sample(request: SampleRequest, decoder: FrameDecoder, scratch: "Scratch
 
 
 def read_member(tar: str, offset: int, size: int, name: str) -> bytes:
-    """The bytes of one tar member, by one positioned read; a shard cut short is a SampleError."""
+    """The bytes of one tar member (`mae_st.data.index.read_member`); a shard cut short is a SampleError."""
     with open(tar, "rb") as f:
-        data = os.pread(f.fileno(), size, offset)
-    if len(data) != size:
-        raise SampleError(f"{name}: the tar ends after {len(data)} of its {size} bytes (truncated shard)")
-    return data
+        try:
+            return read_tar_member(f, offset, size)
+        except ValueError as err:
+            raise SampleError(f"{name}: {err} (truncated shard)") from err
 
 
 class ScratchFiles:
