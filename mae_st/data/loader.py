@@ -25,7 +25,7 @@ import os
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Sequence
 
 import torch
@@ -52,12 +52,19 @@ NVDEC_PIPELINES = 4
 class LoaderStats:
     """What the loader did so far (across epochs): delivered and bad samples, time the trainer waited."""
 
+    registry: BadSampleRegistry  # the bad samples themselves: counted and named from it when asked
     samples: int = 0
-    bad_samples: int = 0
-    bad_keys: List[str] = field(default_factory=list)
     wait_seconds: float = 0.0
     pipeline_builds: int = 0
     resume_dropped_batches: int = 0  # batches decoded only to reach a resumed run's step
+
+    @property
+    def bad_samples(self) -> int:
+        return len(self.registry)
+
+    @property
+    def bad_keys(self) -> List[str]:
+        return [bad.key for bad in self.registry.found]
 
 
 def resolve_decode_device(cfg: DataConfig, device: torch.device) -> Optional[int]:
@@ -154,7 +161,7 @@ class VideoLoader:
         self._steps = (train_steps_per_epoch(self.num_samples, world_size, cfg.batch_size_per_gpu)
                        if training else None)
         self.epoch, self.start_step = 0, 0
-        self.stats = LoaderStats()
+        self.stats = LoaderStats(self.registry)
         self._builds = [0]
         self._index_root = tempfile.TemporaryDirectory(prefix="mae_st_idx_")
 
@@ -281,7 +288,6 @@ class VideoLoader:
             return None
         clips, metas = fetched
         self.stats.samples += len(metas)
-        self.stats.bad_samples, self.stats.bad_keys = len(self.registry), [b.key for b in self.registry.found]
         self.registry.check_fraction(self.stats.samples)
         return self._to_batch(clips, metas)
 
