@@ -1,7 +1,7 @@
 """Run by tests/test_engine.py through the deepspeed launcher on 2 CPU ranks: finetuning steps of real ZeRO-3
 engines whose layer-wise lr decay is per-layer optimizer groups (torch AdamW) or scales bound to DeepSpeed's flat
-partitions (LayerScaledAdamW), and a control without layer decay. Rank 0 writes every variant's losses and the
-number of groups DeepSpeed flattened to the JSON path given as the only argument."""
+partitions (LayerScaledAdamW), a control without layer decay, and a ZeRO-0 engine (which keeps the groups). Rank 0 writes every variant's losses and the
+number of optimizer groups to the JSON path given as the only argument."""
 
 from __future__ import annotations
 
@@ -46,10 +46,9 @@ def losses(env, layer_decay: float, overrides: EngineOverrides) -> dict:
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         out.append(mean.item() / env.world_size)
-    groups = len(built.engine.optimizer.fp16_groups)
-    inner = type(built.engine.optimizer.optimizer).__name__
+    inner = getattr(built.engine.optimizer, "optimizer", built.engine.optimizer)  # ZeRO-3 wraps it, ZeRO-0 fp32 not
     built.engine.destroy()
-    return {"losses": out, "zero3 groups": groups, "optimizer": inner}
+    return {"losses": out, "optimizer groups": len(inner.param_groups), "optimizer": type(inner).__name__}
 
 
 def main() -> None:
@@ -57,7 +56,8 @@ def main() -> None:
     report = {"world size": env.world_size,
               "layer groups": losses(env, 0.75, EngineOverrides(layer_groups=True)),
               "scales in optimizer": losses(env, 0.75, EngineOverrides()),
-              "no layer decay": losses(env, 1.0, EngineOverrides())}
+              "no layer decay": losses(env, 1.0, EngineOverrides()),
+              "zero 0": losses(env, 0.75, EngineOverrides(zero_stage=0))}
     if env.is_main:
         out = next(arg for arg in sys.argv[1:] if not arg.startswith("--"))  # the launcher adds --local_rank=N
         Path(out).write_text(json.dumps(report))
