@@ -26,6 +26,7 @@ import ctypes
 import functools
 import logging
 import os
+import time
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -91,6 +92,9 @@ class NvdecDecoder:
         self.videos = 0  # decode calls (one per video)
         self.frames = 0  # distinct frames handed out by the library
         self.decoders_created = 0  # SimpleDecoder constructions: 1, plus one after every failed video
+        # seconds this thread spent pointing the decoder at videos, in the library's frame calls, and copying out
+        # (benchmarks/nvdec_cost.py reads them: where a decoder thread's time goes)
+        self.seconds = {"open": 0.0, "frames": 0.0, "copy": 0.0}
 
     def decode(self, path: str, frame_indices: Sequence[int]) -> torch.Tensor:
         """Frames `frame_indices` (any order, repeats allowed) of `path`, each distinct frame decoded once; an index
@@ -104,6 +108,7 @@ class NvdecDecoder:
             raise
 
     def _decode(self, path: str, frame_indices: Sequence[int]) -> torch.Tensor:
+        started = time.perf_counter()
         decoder = self._open(path)
         if len(decoder) < 1 and not self.scan_metadata:
             decoder = self._scan_from_now_on(path)
@@ -112,8 +117,10 @@ class NvdecDecoder:
             raise ValueError(f"{path}: the decoder reports no frames")
         clamped = [min(max(int(i), 0), count - 1) for i in frame_indices]
         wanted = sorted(set(clamped))
+        opened = time.perf_counter()
         with torch.cuda.stream(self.stream):
             decoded = decoder.get_batch_frames_by_index(wanted)
+            returned = time.perf_counter()
             if len(decoded) != len(wanted):
                 raise RuntimeError(f"{path}: asked for {len(wanted)} frames, the decoder returned {len(decoded)}")
             distinct = torch.stack([torch.from_dlpack(frame) for frame in decoded])  # copies out of its buffers
@@ -122,6 +129,9 @@ class NvdecDecoder:
             frames = distinct.index_select(0, order)
         self.stream.synchronize()  # the frames are complete for any stream and thread that receives them
         self.frames += len(wanted)
+        self.seconds["open"] += opened - started
+        self.seconds["frames"] += returned - opened
+        self.seconds["copy"] += time.perf_counter() - returned
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
             raise RuntimeError(f"{path}: expected (N, H, W, 3) uint8 RGB frames, got {tuple(frames.shape)} "
                                f"{frames.dtype}")
