@@ -16,6 +16,8 @@ same originals again with `--gop G` for each G of --gops. Sections:
   rates   decode-only clips/s with 1/4/8 threads (ClipReader + decoder, no augmentation) and the finetuning /
           pretraining streams bench_nvdec.py measures (ClipStream with RandAugment), on every set
   classic the classic PyAV DataLoader (16 workers) against the pretraining stream, same run (not by default)
+  hybrid  NVDEC threads with CPU (PyAV, seeking) threads beside them: decode-only and stream clips/s for each
+          split of --hybrid (not by default)
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=5.0, help="per rate row")
     p.add_argument("--threads", default="1,4,8")
     p.add_argument("--streams", default="finetune:8,pretrain:8", help="mode:threads rows of the ClipStream rates")
+    p.add_argument("--hybrid", default="4+0,8+0,4+2,4+4,6+2,0+8", help="NVDEC+CPU thread splits, decode only")
+    p.add_argument("--hybrid-streams", default="4+0,8+0,4+4,6+2", help="NVDEC+CPU thread splits of the streams")
+    p.add_argument("--classic-streams", default="8+0", help="NVDEC+CPU splits compared with the classic loader")
     p.add_argument("--quick", action="store_true", help="bench_nvdec.py's tiny footage: every code path on a CPU")
     return p.parse_args(argv)
 
@@ -116,7 +121,7 @@ def run_calls(bench: Bench, args) -> List[dict]:
     rows = []
     scratch = Path("/dev/shm" if os.access("/dev/shm", os.W_OK) else "/tmp") / f"nvdec_cost_{os.getpid()}"
     scratch.mkdir(exist_ok=True)
-    decoder = bench._decoder_factory()()
+    decoder = bench._decoder_factories(1)[0]()
     try:
         for name, folder in bench.sets.items():
             videos = extract_videos(folder, scratch / name)
@@ -201,13 +206,13 @@ class _Progress:
 class decoding:
     """Decode-only reading of a set in the background (ClipReader, `threads` decoders) while the block runs."""
 
-    def __init__(self, bench: Bench, set_name: str, mode: str, threads: int):
+    def __init__(self, bench: Bench, set_name: str, mode: str, threads: int, cpu_threads: int = 0):
         cfg = DataConfig(num_frames=16, **MODES[mode])
         samples = list_samples(bench.sets[set_name]) * 400
         plan = ClipPlan(cfg, training=True, seed=0, epoch=0)
-        self.reader = ClipReader(bench._decoder_factory(), threads, ahead=max(2 * threads, 4))
+        self.reader = ClipReader(bench._decoder_factories(threads, cpu_threads), ahead=max(2 * threads, 4))
         self.results = self.reader.read(plan.request(ref) for ref in samples)
-        for _ in range(2 * threads):  # every thread has made its decoder and decoded a video
+        for _ in range(2 * (threads + cpu_threads)):  # every thread has made its decoder and decoded a video
             next(self.results)
         self.progress, self.stop = _Progress(), threading.Event()
         self.thread = threading.Thread(target=self._consume, daemon=True)
@@ -264,8 +269,9 @@ def run_rates(bench: Bench, args) -> List[dict]:
     return rows
 
 
-def decode_only_rate(bench: Bench, set_name: str, mode: str, threads: int, seconds: float) -> dict:
-    run = decoding(bench, set_name, mode, threads)
+def decode_only_rate(bench: Bench, set_name: str, mode: str, threads: int, seconds: float,
+                     cpu_threads: int = 0) -> dict:
+    run = decoding(bench, set_name, mode, threads, cpu_threads)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     with run as progress:
         time.sleep(seconds)
@@ -282,7 +288,7 @@ def decode_only_rate(bench: Bench, set_name: str, mode: str, threads: int, secon
 
 def run_classic(bench: Bench, args) -> List[dict]:
     """The classic PyAV DataLoader (benchmarks/classic_loader.py) with 16 workers against the pretraining stream
-    (repeat_aug 16, 8 threads) on the default set."""
+    (repeat_aug 16) with each NVDEC+CPU thread split of --classic-streams, on the default set."""
     from benchmarks.bench_data import ShardSet
     from benchmarks.bench_pipeline import measure_classic
     from benchmarks.harness import gpu_profile, tiny_profile
@@ -290,13 +296,35 @@ def run_classic(bench: Bench, args) -> List[dict]:
     sizes = tiny_profile() if args.quick else gpu_profile()
     shard_set = ShardSet("default", bench.sets["default"], "vp9", True)
     classic = measure_classic(shard_set, 2 if args.quick else 16, bench.device, sizes, 4 * args.seconds)
-    ours = bench._stream_rate("default", "pretrain", 8)
-    return [{"what": "classic PyAV DataLoader, pretraining", **{k: classic.get(k) for k in ("clips/s", "bs")}},
-            {"what": "pretrain stream, 8 threads", "clips/s": ours.get("clips/s")},
-            {"what": "ratio stream / classic", "ratio": round(ours["clips/s"] / classic["clips/s"], 2)}]
+    rows = [{"what": "classic PyAV DataLoader, pretraining", **{k: classic.get(k) for k in ("clips/s", "bs")}}]
+    for spec in args.classic_streams.split(","):
+        nvdec, cpu = map(int, spec.split("+"))
+        ours = bench._stream_rate("default", "pretrain", nvdec, cpu)["clips/s"]
+        rows.append({"what": "pretrain stream", "nvdec+cpu threads": spec, "clips/s": ours,
+                     "ratio to classic": round(ours / classic["clips/s"], 2)})
+    return rows
 
 
-SECTIONS = {"calls": run_calls, "gil": run_gil, "rates": run_rates, "classic": run_classic}
+# ---- hybrid: NVDEC threads with CPU (PyAV) threads beside them -----------------------------------------------
+
+
+def run_hybrid(bench: Bench, args) -> List[dict]:
+    """Decode-only and stream clips/s on the default set for each NVDEC+CPU thread split of --hybrid."""
+    rows = []
+    for mode in ("finetune", "pretrain"):
+        for spec in args.hybrid.split(","):
+            nvdec, cpu = map(int, spec.split("+"))
+            rows.append({"what": f"decode only, {mode}", "nvdec+cpu threads": spec,
+                         **decode_only_rate(bench, "default", mode, nvdec, args.seconds, cpu)})
+        for spec in args.hybrid_streams.split(","):
+            nvdec, cpu = map(int, spec.split("+"))
+            row = bench._stream_rate("default", mode, nvdec, cpu)
+            rows.append({"what": f"{mode} stream", "nvdec+cpu threads": spec,
+                         **{k: row.get(k) for k in ("clips/s", "nvdec %", "sm %", "smi MiB", "bad")}})
+    return rows
+
+
+SECTIONS = {"calls": run_calls, "gil": run_gil, "rates": run_rates, "classic": run_classic, "hybrid": run_hybrid}
 
 if __name__ == "__main__":
     main()

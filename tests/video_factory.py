@@ -15,8 +15,10 @@ import numpy as np
 CODEC_BY_SUFFIX = {".webm": "libvpx-vp9", ".mkv": "libvpx-vp9", ".mp4": "libx264", ".avi": "mjpeg"}
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float = 30, codec: str | None = None) -> Path:
-    """Encode `frames` (T, H, W, 3) uint8 RGB into `path`; the codec follows the suffix unless given."""
+def write_video(path: str | Path, frames: np.ndarray, fps: float = 30, codec: str | None = None,
+                gop: int | None = None) -> Path:
+    """Encode `frames` (T, H, W, 3) uint8 RGB into `path`; the codec follows the suffix unless given; `gop`: frames
+    between keyframes (the encoder's default when None)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     codec = codec or CODEC_BY_SUFFIX[path.suffix]
@@ -25,7 +27,8 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 30, codec: st
         stream.height, stream.width = frames.shape[1], frames.shape[2]
         stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         if codec == "libvpx-vp9":
-            stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b": "0"}
+            stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b": "0",
+                              **({"g": str(gop), "keyint_min": str(gop)} if gop else {})}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
