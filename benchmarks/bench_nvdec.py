@@ -251,7 +251,7 @@ class Bench:
         from mae_st.data.clip_reader import ScratchFiles, read_member
         from mae_st.data.pyav_decode import PyAVDecoder
 
-        decoder = self._decoder_factories(1)[0]()
+        decoder = self._decoder_factory()()
         reference = PyAVDecoder()
         scratch = ScratchFiles(str(self.work), "against_pyav_")
         worst, misaligned, frames = 0.0, [], 0
@@ -344,12 +344,12 @@ class Bench:
             base.update(sampling_rate=plan.pretrain_rate, repeat_aug=plan.repeat_aug)
         return DataConfig(**{**base, **overrides})
 
-    def _decoder_factories(self, threads: int, cpu_threads: int = 0):
-        from mae_st.data.clip_stream import decoder_factories
+    def _decoder_factory(self):
+        from mae_st.data.clip_stream import decoder_factory
 
-        return decoder_factories(self.args.decoder, self.device, threads, cpu_threads)
+        return decoder_factory(self.args.decoder, self.device)
 
-    def _stream_rate(self, set_name: str, mode: str, threads: int, cpu_threads: int = 0) -> dict:
+    def _stream_rate(self, set_name: str, mode: str, threads: int) -> dict:
         """Clips/s of ClipStream over the set, repeated so that one stream (one pipeline build) lasts the row."""
         from mae_st.data.clip_reader import ClipReader
         from mae_st.data.clip_stream import ClipStream
@@ -360,8 +360,7 @@ class Bench:
         batch = {"finetune": plan.finetune_batch, "pretrain": plan.pretrain_batch, "eval": plan.eval_batch}[mode]
         samples = self._samples(self._set(set_name)) * 50
         per_video = cfg.repeat_aug if training else cfg.test_num_ensemble_views * cfg.test_num_spatial_crops
-        reader = ClipReader(self._decoder_factories(threads, cpu_threads),
-                            max(cfg.prefetch_queue_depth * batch, threads + cpu_threads))
+        reader = ClipReader(self._decoder_factory(), threads, max(cfg.prefetch_queue_depth * batch, threads))
         streams = []
 
         def epoch(e: int):

@@ -33,7 +33,7 @@ MODES = {"finetune": dict(sampling_rate=4, repeat_aug=1), "pretrain": dict(sampl
 
 def _worker(rank, procs, threads, mode, folder, ipc, kind, ready, out, start, stop):
     from mae_st.data.clip_reader import ClipReader, DecodedSample
-    from mae_st.data.clip_stream import ClipPlan, decoder_factories
+    from mae_st.data.clip_stream import ClipPlan, decoder_factory
 
     device = torch.device("cuda", 0) if kind == "nvdec" else torch.device("cpu")
     if device.type == "cuda":
@@ -41,7 +41,7 @@ def _worker(rank, procs, threads, mode, folder, ipc, kind, ready, out, start, st
     cfg = DataConfig(num_frames=16, **MODES[mode])
     samples = list_samples(folder)[rank::procs] * 200
     plan = ClipPlan(cfg, training=True, seed=rank, epoch=0)
-    reader = ClipReader(decoder_factories(kind, device, threads), ahead=max(2 * threads, 4))
+    reader = ClipReader(decoder_factory(kind, device), threads, ahead=max(2 * threads, 4))
     results = reader.read(plan.request(ref) for ref in samples)
     for _ in range(2 * threads):  # warm: every thread has created its decoder and decoded a video
         next(results)

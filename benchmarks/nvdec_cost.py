@@ -11,13 +11,14 @@ decoded to reach a clip's frames, more bytes).
 Uses bench_nvdec.py's footage under --work-dir (its data section films and packs it when missing) and packs the
 same originals again with `--gop G` for each G of --gops. Sections:
   calls   one decoder, one thread: ms per video in `open` (reconfigure), the library's frame call and the copy,
-          for frame patterns (1 frame, 16 at stride 1/4/8, 64 at stride 1), on every set
+          for frame patterns (1 frame, 16 at stride 1/4/8, 64 at stride 1), on every set; with --decoder pyav
+          also PyAV decoding from the start instead of seeking
   gil     how fast a pure-Python thread counts alone and beside 4 and 8 decoder threads (decode only)
   rates   decode-only clips/s with 1/4/8 threads (ClipReader + decoder, no augmentation) and the finetuning /
           pretraining streams bench_nvdec.py measures (ClipStream with RandAugment), on every set
   classic the classic PyAV DataLoader (16 workers) against the pretraining stream, same run (not by default)
-  hybrid  NVDEC threads with CPU (PyAV, seeking) threads beside them: decode-only and stream clips/s for each
-          split of --hybrid (not by default)
+  levers  Python's switch interval (5 ms against train.py's 0.5) and NvdecDecoder's copy (gather against in
+          order), decode only and streams, 8 threads (NVDEC only; not by default)
 """
 
 from __future__ import annotations
@@ -61,9 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=5.0, help="per rate row")
     p.add_argument("--threads", default="1,4,8")
     p.add_argument("--streams", default="finetune:8,pretrain:8", help="mode:threads rows of the ClipStream rates")
-    p.add_argument("--hybrid", default="4+0,8+0,4+2,4+4,6+2,0+8", help="NVDEC+CPU thread splits, decode only")
-    p.add_argument("--hybrid-streams", default="4+0,8+0,4+4,6+2", help="NVDEC+CPU thread splits of the streams")
-    p.add_argument("--classic-streams", default="8+0", help="NVDEC+CPU splits compared with the classic loader")
     p.add_argument("--quick", action="store_true", help="bench_nvdec.py's tiny footage: every code path on a CPU")
     return p.parse_args(argv)
 
@@ -121,16 +119,22 @@ def run_calls(bench: Bench, args) -> List[dict]:
     rows = []
     scratch = Path("/dev/shm" if os.access("/dev/shm", os.W_OK) else "/tmp") / f"nvdec_cost_{os.getpid()}"
     scratch.mkdir(exist_ok=True)
-    decoder = bench._decoder_factories(1)[0]()
+    decoders = {args.decoder: bench._decoder_factory()()}
+    if args.decoder == "pyav":  # what seeking to the keyframe before the clip buys on the CPU
+        from mae_st.data.pyav_decode import PyAVDecoder
+
+        decoders["pyav from the start"] = PyAVDecoder(seek=False)
     try:
         for name, folder in bench.sets.items():
             videos = extract_videos(folder, scratch / name)
-            decode_pattern(decoder, videos, 4, 1, random.Random(0))  # warm: the decoder exists and has run
-            for label, (count, stride) in PATTERNS.items():
-                rows.append({"set": name, "pattern": label,
-                             **decode_pattern(decoder, videos, count, stride, random.Random(1))})
+            for kind, decoder in decoders.items():
+                decode_pattern(decoder, videos, 4, 1, random.Random(0))  # warm: the decoder exists and has run
+                for label, (count, stride) in PATTERNS.items():
+                    rows.append({"set": name, "decoder": kind, "pattern": label,
+                                 **decode_pattern(decoder, videos, count, stride, random.Random(1))})
     finally:
-        decoder.close()
+        for decoder in decoders.values():
+            decoder.close()
         shutil.rmtree(scratch, ignore_errors=True)
     return rows
 
@@ -160,7 +164,7 @@ def decode_pattern(decoder, videos: List[tuple], count: int, stride: int, rng: r
         decoder.decode(path, [first + k * stride for k in range(count)])
     seconds = time.perf_counter() - started
     row = {"ms/video": round(1e3 * seconds / len(videos), 2), "videos": len(videos),
-           "frames out/video": (decoder.frames - frames_before) / len(videos)}
+           "decoder frames/video": (decoder.frames - frames_before) / len(videos)}  # nvdec: returned, pyav: decoded
     for phase, total in getattr(decoder, "seconds", {}).items():
         row[f"{phase} ms"] = round(1e3 * (total - before[phase]) / len(videos), 2)
     return row
@@ -206,13 +210,13 @@ class _Progress:
 class decoding:
     """Decode-only reading of a set in the background (ClipReader, `threads` decoders) while the block runs."""
 
-    def __init__(self, bench: Bench, set_name: str, mode: str, threads: int, cpu_threads: int = 0):
+    def __init__(self, bench: Bench, set_name: str, mode: str, threads: int):
         cfg = DataConfig(num_frames=16, **MODES[mode])
         samples = list_samples(bench.sets[set_name]) * 400
         plan = ClipPlan(cfg, training=True, seed=0, epoch=0)
-        self.reader = ClipReader(bench._decoder_factories(threads, cpu_threads), ahead=max(2 * threads, 4))
+        self.reader = ClipReader(bench._decoder_factory(), threads, ahead=max(2 * threads, 4))
         self.results = self.reader.read(plan.request(ref) for ref in samples)
-        for _ in range(2 * (threads + cpu_threads)):  # every thread has made its decoder and decoded a video
+        for _ in range(2 * threads):  # every thread has made its decoder and decoded a video
             next(self.results)
         self.progress, self.stop = _Progress(), threading.Event()
         self.thread = threading.Thread(target=self._consume, daemon=True)
@@ -269,9 +273,8 @@ def run_rates(bench: Bench, args) -> List[dict]:
     return rows
 
 
-def decode_only_rate(bench: Bench, set_name: str, mode: str, threads: int, seconds: float,
-                     cpu_threads: int = 0) -> dict:
-    run = decoding(bench, set_name, mode, threads, cpu_threads)
+def decode_only_rate(bench: Bench, set_name: str, mode: str, threads: int, seconds: float) -> dict:
+    run = decoding(bench, set_name, mode, threads)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     with run as progress:
         time.sleep(seconds)
@@ -288,43 +291,57 @@ def decode_only_rate(bench: Bench, set_name: str, mode: str, threads: int, secon
 
 def run_classic(bench: Bench, args) -> List[dict]:
     """The classic PyAV DataLoader (benchmarks/classic_loader.py) with 16 workers against the pretraining stream
-    (repeat_aug 16) with each NVDEC+CPU thread split of --classic-streams, on the default set."""
+    (repeat_aug 16, 8 threads) on the default set."""
     from benchmarks.bench_data import ShardSet
     from benchmarks.bench_pipeline import measure_classic
     from benchmarks.harness import gpu_profile, tiny_profile
 
-    sizes = tiny_profile() if args.quick else gpu_profile()
+    # 16 workers take seconds to start and their prefetched batches are drained first: a 12 s cap once left 1 batch
+    sizes = tiny_profile() if args.quick else dataclasses.replace(gpu_profile(), classic_seconds=30.0)
     shard_set = ShardSet("default", bench.sets["default"], "vp9", True)
-    classic = measure_classic(shard_set, 2 if args.quick else 16, bench.device, sizes, 4 * args.seconds)
-    rows = [{"what": "classic PyAV DataLoader, pretraining", **{k: classic.get(k) for k in ("clips/s", "bs")}}]
-    for spec in args.classic_streams.split(","):
-        nvdec, cpu = map(int, spec.split("+"))
-        ours = bench._stream_rate("default", "pretrain", nvdec, cpu)["clips/s"]
-        rows.append({"what": "pretrain stream", "nvdec+cpu threads": spec, "clips/s": ours,
-                     "ratio to classic": round(ours / classic["clips/s"], 2)})
+    classic = measure_classic(shard_set, 2 if args.quick else 16, bench.device, sizes, sizes.classic_seconds + 8)
+    ours = bench._stream_rate("default", "pretrain", 8)["clips/s"]
+    return [{"what": "classic PyAV DataLoader, pretraining", **{k: classic.get(k) for k in ("clips/s", "bs")}},
+            {"what": "pretrain stream, 8 threads", "clips/s": ours,
+             "ratio to classic": round(ours / classic["clips/s"], 2)}]
+
+
+# ---- levers: the interpreter's switch interval and the decoder's copy, in one run -------------------------------
+
+
+def run_levers(bench: Bench, args) -> List[dict]:
+    """Decode-only clips/s at 8 threads for Python's default switch interval (5 ms, what the other rows run) and
+    train.py's (RunConfig.gil_switch_interval_ms), each with NvdecDecoder's copy-then-gather and in-order copy; then
+    the streams at both intervals with the in-order copy."""
+    from mae_st.config import RunConfig
+    from mae_st.data.nvdec import NvdecDecoder
+
+    rows, default = [], sys.getswitchinterval()
+    intervals = {"5 ms (Python's default)": 0.005, f"{RunConfig.gil_switch_interval_ms:g} ms (train.py's)":
+                 RunConfig.gil_switch_interval_ms / 1000}
+    try:
+        for mode in ("finetune", "pretrain"):
+            for label, interval in intervals.items():
+                sys.setswitchinterval(interval)
+                for in_order in (False, True):
+                    NvdecDecoder.copy_in_order = in_order
+                    rows.append({"what": f"decode only, {mode}", "switch interval": label,
+                                 "copy": "in order" if in_order else "then gather", "threads": 8,
+                                 **decode_only_rate(bench, "default", mode, 8, args.seconds)})
+        NvdecDecoder.copy_in_order = True
+        for mode in ("finetune", "pretrain"):
+            for label, interval in intervals.items():
+                sys.setswitchinterval(interval)
+                row = bench._stream_rate("default", mode, 8)
+                rows.append({"what": f"{mode} stream", "switch interval": label, "copy": "in order", "threads": 8,
+                             **{k: row.get(k) for k in ("clips/s", "nvdec %", "sm %", "smi MiB", "bad")}})
+    finally:
+        sys.setswitchinterval(default)
+        NvdecDecoder.copy_in_order = True
     return rows
 
 
-# ---- hybrid: NVDEC threads with CPU (PyAV) threads beside them -----------------------------------------------
-
-
-def run_hybrid(bench: Bench, args) -> List[dict]:
-    """Decode-only and stream clips/s on the default set for each NVDEC+CPU thread split of --hybrid."""
-    rows = []
-    for mode in ("finetune", "pretrain"):
-        for spec in args.hybrid.split(","):
-            nvdec, cpu = map(int, spec.split("+"))
-            rows.append({"what": f"decode only, {mode}", "nvdec+cpu threads": spec,
-                         **decode_only_rate(bench, "default", mode, nvdec, args.seconds, cpu)})
-        for spec in args.hybrid_streams.split(","):
-            nvdec, cpu = map(int, spec.split("+"))
-            row = bench._stream_rate("default", mode, nvdec, cpu)
-            rows.append({"what": f"{mode} stream", "nvdec+cpu threads": spec,
-                         **{k: row.get(k) for k in ("clips/s", "nvdec %", "sm %", "smi MiB", "bad")}})
-    return rows
-
-
-SECTIONS = {"calls": run_calls, "gil": run_gil, "rates": run_rates, "classic": run_classic, "hybrid": run_hybrid}
+SECTIONS = {"calls": run_calls, "gil": run_gil, "rates": run_rates, "classic": run_classic, "levers": run_levers}
 
 if __name__ == "__main__":
     main()

@@ -64,8 +64,6 @@ class DataConfig:
     # (~210 against ~190 finetuning clips/s on an H200) but inside train.py they slowed the step they feed (ViT-B/16,
     # one run: 97 / 297 clips/s finetuning / pretraining with 8, 105 / 339 with 4; docs/performance.md)
     decoder_threads: int = 4
-    # --decoder nvdec: PyAV (CPU) reader threads per GPU beside the NVDEC ones, their frames copied to the GPU
-    cpu_decoder_threads: int = 0
     # jpeg-payload shards with decode on the GPU: decode the frames with libjpeg-turbo on the DALI threads ("cpu")
     # and move the clips to the GPU, or with nvJPEG ("gpu"); docs/performance.md compares them
     jpeg_decode_device: str = "cpu"
@@ -269,8 +267,6 @@ def _add_data_flags(d) -> None:
            "augmented ahead on a thread while the step runs; 0 augments inside the step's wait for data")
     _value(d, "--decoder_threads", "data.decoder_threads", int, "with reused decoders (--decoder nvdec/pyav): "
            "reader threads per GPU, each with its own decoder")
-    _value(d, "--cpu_decoder_threads", "data.cpu_decoder_threads", int, "with --decoder nvdec: CPU (PyAV) reader "
-           "threads per GPU beside the --decoder_threads NVDEC ones, taking samples from the same queue")
     _value(d, "--num_threads", "data.num_threads", int, "DALI CPU threads per GPU in total: each of the "
            "--pipelines_per_gpu pipelines gets max(1, num_threads // pipelines_per_gpu)")
     _value(d, "--max_bad_sample_fraction", "data.max_bad_sample_fraction", float, "the run stops when more than "
@@ -439,11 +435,6 @@ def validate_job_config(cfg: JobConfig) -> None:
         raise ConfigError(f"--max_bad_sample_fraction {data.max_bad_sample_fraction}: must be in [0, 1]")
     if run.gil_switch_interval_ms <= 0:
         raise ConfigError(f"--gil_switch_interval_ms {run.gil_switch_interval_ms}: must be > 0")
-    if data.cpu_decoder_threads < 0:
-        raise ConfigError(f"--cpu_decoder_threads {data.cpu_decoder_threads}: must be >= 0")
-    if data.cpu_decoder_threads and data.decoder in ("dali", "pyav"):
-        raise ConfigError(f"--cpu_decoder_threads {data.cpu_decoder_threads}: CPU threads beside NVDEC ones are for "
-                          f"--decoder nvdec or auto, not {data.decoder} (--decoder pyav: set --decoder_threads)")
     if data.augment_ahead < 0:
         raise ConfigError(f"--augment_ahead {data.augment_ahead}: must be >= 0 (0 augments inline)")
     if data.pipelines_per_gpu < 0:

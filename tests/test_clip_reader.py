@@ -123,7 +123,7 @@ def read_all(reader: ClipReader, requests) -> list:
 
 def test_frames_read_back_from_pixels_are_the_requested_ones(shard):
     refs = list_samples(shard)
-    with ClipReader([make_decoder] * 2, ahead=4) as reader:
+    with ClipReader(make_decoder, num_threads=2, ahead=4) as reader:
         long_video, short_video = read_all(reader, [SampleRequest(refs[0], fixed_clips([0, 3, 6, 9], [33, 35, 37, 39])),
                                                     SampleRequest(refs[3], fixed_clips([0, 3, 6, 9]))])
     assert raw_indices(long_video.clips) == [[0, 3, 6, 9], [1, 3, 5, 7]]  # levels repeat every 32 frames
@@ -136,7 +136,7 @@ def test_training_clips_follow_seed_epoch_and_key_with_the_graph_stride(shard):
     cfg = tiny_config(repeat_aug=4)
     refs = list_samples(shard)
     plan = ClipPlan(cfg, training=True, seed=3, epoch=1)
-    with ClipReader([make_decoder] * 2, ahead=4) as reader:
+    with ClipReader(make_decoder, num_threads=2, ahead=4) as reader:
         forward = read_all(reader, [plan.request(ref) for ref in refs])
         backward = read_all(reader, [plan.request(ref) for ref in reversed(refs)])
     for sample in forward:
@@ -153,7 +153,7 @@ def test_repeat_aug_clips_and_eval_views_decode_each_video_once(shard):
     runs = ((tiny_config(repeat_aug=4), True, 4), (tiny_config(test_num_ensemble_views=3), False, 3))
     for cfg, training, clips in runs:
         plan = ClipPlan(cfg, training=training, seed=0, epoch=0)
-        with ClipReader([make_decoder] * 2, ahead=4) as reader:
+        with ClipReader(make_decoder, num_threads=2, ahead=4) as reader:
             results = read_all(reader, [plan.request(ref) for ref in refs])
             assert sum(decoder.videos for decoder in reader.decoders) == len(refs)  # one decode call a video
         assert [r.ref.key for r in results] == [f"v{i}" for i in range(8)]
@@ -206,7 +206,7 @@ class HangingDecoder:
 
 def test_a_hanging_decoder_call_fails_its_sample_without_hanging_the_read(shard):
     refs = list_samples(shard)[:4]
-    reader = ClipReader([HangingDecoder] * 2, ahead=4, timeout_s=1.0)
+    reader = ClipReader(HangingDecoder, num_threads=2, ahead=4, timeout_s=1.0)
     try:
         results = read_all(reader, [SampleRequest(ref, fixed_clips([0, 1])) for ref in refs])
         hung = [r for r in results if isinstance(r, SampleFailure)]
@@ -222,7 +222,7 @@ def test_a_hanging_decoder_call_fails_its_sample_without_hanging_the_read(shard)
 
 
 def test_close_joins_every_reader_thread(shard):
-    reader = ClipReader([make_decoder] * 3, ahead=2)
+    reader = ClipReader(make_decoder, num_threads=3, ahead=2)
     results = reader.read([SampleRequest(ref, fixed_clips([0])) for ref in list_samples(shard)])
     next(results)  # leave work queued and in flight
     threads = list(reader.workers)
@@ -343,7 +343,7 @@ def test_pynvvideocodec_is_imported_with_its_per_video_warnings_off_unless_the_u
     assert os.environ["LOGGER_LEVEL"] == (preset or "ERROR")
 
 
-# ---- the CPU decoder's seek, and readers that mix decoders ------------------------------------------------------
+# ---- the CPU decoder's seek ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -363,34 +363,3 @@ def test_pyav_seeks_to_the_keyframe_before_a_late_clip_and_reads_the_same_frames
     for indices in ([0, 2, 4], [3, 60, 70], [63, 90]):
         assert torch.equal(seeking.decode(keyframe_video, indices), from_start.decode(keyframe_video, indices))
 
-
-def test_a_reader_mixing_two_kinds_of_decoder_gives_each_work_and_keeps_the_order(shard):
-    made = []
-
-    def counted(**kwargs):
-        def factory():
-            made.append(PyAVDecoder(**kwargs))
-            return made[-1]
-        return factory
-
-    refs = list_samples(shard) * 3
-    with ClipReader([counted(), counted(seek=False)], ahead=4) as reader:
-        results = read_all(reader, [SampleRequest(ref, fixed_clips([1, 2, 3])) for ref in refs])
-    assert [r.meta["key"] for r in results] == [ref.key for ref in refs]
-    assert all(raw_indices(r.clips) == [[1, 2, 3]] for r in results if r.meta["frames"] == LONG)
-    assert len(made) == 2 and all(d.videos > 0 for d in made) and sum(d.videos for d in made) == len(refs)
-
-
-@pytest.mark.skipif(DECODER != "nvdec", reason="NVDEC threads beside CPU ones: MAE_ST_TEST_DECODER=nvdec on a GPU")
-def test_nvdec_threads_beside_cpu_threads_give_the_same_frames_on_the_gpu(shard):
-    from mae_st.data.clip_stream import decoder_factories
-
-    refs = list_samples(shard) * 2
-    factories = decoder_factories("nvdec", DEVICE, threads=1, cpu_threads=1)
-    with ClipReader(factories, ahead=4) as reader:
-        results = read_all(reader, [SampleRequest(ref, fixed_clips([1, 2, 3])) for ref in refs])
-        kinds = sorted(type(d).__name__ for d in reader.decoders)
-        videos = [d.videos for d in reader.decoders]
-    assert kinds == ["NvdecDecoder", "OnDevice"] and all(v > 0 for v in videos)
-    assert all(r.clips.device.type == "cuda" for r in results)
-    assert all(raw_indices(r.clips) == [[1, 2, 3]] for r in results if r.meta["frames"] == LONG)

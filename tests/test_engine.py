@@ -65,8 +65,6 @@ def test_finetune_mode_defaults_and_cls_token():
     (PRETRAIN + ["--pipelines_per_gpu", "-1"], "--pipelines_per_gpu -1"),
     (PRETRAIN + ["--augment_ahead", "-1"], "--augment_ahead -1"),
     (PRETRAIN + ["--decoder_threads", "0"], "--decoder_threads 0"),
-    (PRETRAIN + ["--cpu_decoder_threads", "-1"], "--cpu_decoder_threads -1"),
-    (PRETRAIN + ["--decoder", "pyav", "--cpu_decoder_threads", "2"], "--cpu_decoder_threads 2"),
     (PRETRAIN + ["--gil_switch_interval_ms", "0"], "--gil_switch_interval_ms 0"),
     (PRETRAIN + ["--pipeline_segment_batches", "0"], "--pipeline_segment_batches 0"),
     (PRETRAIN + ["--max_bad_sample_fraction", "1.5"], "--max_bad_sample_fraction 1.5"),

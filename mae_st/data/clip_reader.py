@@ -7,9 +7,8 @@ one decode per video. A sample that is corrupt, truncated or unsupported, whose 
 or whose decoder call does not return within `timeout_s`, comes back as a `SampleFailure`; nothing is raised for
 one bad sample.
 
-Threads and memory are bounded: one worker per decoder factory, each with one decoder created once (by its
-factory, inside the thread, so CUDA streams and decoder sessions belong to it) and one scratch file at a time; the
-factories may differ (NVDEC threads beside CPU ones take turns on the same queue of samples); at most
+Threads and memory are bounded: `num_threads` workers, each with one decoder created once (by `decoder_factory`,
+inside the thread, so CUDA streams and decoder sessions belong to it) and one scratch file at a time; at most
 `ahead` samples are read but not yet consumed. A worker stuck in its decoder is abandoned (its sample reported,
 a new worker takes its place); `close()` stops and joins the others after each has released its decoder in its
 own thread, which is what keeps the interpreter's exit clean.
@@ -174,10 +173,10 @@ class _Task:
 class _Worker(threading.Thread):
     """One reader thread: its decoder, its scratch file, the task it is on."""
 
-    def __init__(self, reader: "ClipReader", number: int, factory: Callable[[], FrameDecoder]):
+    def __init__(self, reader: "ClipReader", number: int):
         # daemon: a thread stuck inside a decoder call must not keep the process alive; close() joins the others
         super().__init__(name=f"clip-reader-{number}", daemon=True)
-        self.reader, self.number, self.factory = reader, number, factory
+        self.reader, self.number = reader, number
         self.decoder: Optional[FrameDecoder] = None
         self.error: Optional[BaseException] = None
         self.ready = threading.Event()
@@ -188,7 +187,7 @@ class _Worker(threading.Thread):
         reader = self.reader
         scratch = ScratchFiles(reader.scratch_dir, f"mae_st_{os.getpid()}_{id(reader):x}_{self.number}_")
         try:
-            self.decoder = self.factory()
+            self.decoder = reader.decoder_factory()
         except BaseException as err:  # noqa: BLE001 - reported by the reader, which cannot decode without it
             self.error = err
             self.ready.set()
@@ -229,23 +228,21 @@ class _Worker(threading.Thread):
 
 
 class ClipReader:
-    """Threads reading and decoding samples ahead of the consumer; `read()` yields results in order.
+    """`num_threads` threads reading and decoding samples ahead of the consumer; `read()` yields results in order.
 
-    decoder_factories: one thread each; a factory builds that thread's FrameDecoder, once, in the thread (and
-        again in the thread that replaces one abandoned in a hung decoder call). Decoders that return frames on
-        different devices must not be mixed (`clip_stream.decoder_factories` uploads CPU ones' frames).
+    decoder_factory: builds one FrameDecoder; called once in each thread (and in a thread that replaces one
+        abandoned in a hung decoder call).
     ahead: samples read but not yet consumed, at most (e.g. prefetch batches x batch size); the memory bound.
     timeout_s: a sample whose read and decode take longer is reported failed and its thread abandoned; after
         `max_abandoned` such threads the reader raises (the decoder hangs on everything, not on one sample).
     """
 
-    def __init__(self, decoder_factories: Sequence[Callable[[], FrameDecoder]], ahead: int,
+    def __init__(self, decoder_factory: Callable[[], FrameDecoder], num_threads: int, ahead: int,
                  timeout_s: float = DEFAULT_TIMEOUT_S, scratch_dir: Optional[str] = None,
                  max_abandoned: Optional[int] = None):
-        num_threads = len(decoder_factories)
         if num_threads < 1 or ahead < 1:
-            raise ValueError(f"ClipReader needs a decoder factory or more and ahead >= 1 (got {num_threads}, {ahead})")
-        self.num_threads = num_threads
+            raise ValueError(f"ClipReader needs num_threads >= 1 and ahead >= 1 (got {num_threads}, {ahead})")
+        self.decoder_factory, self.num_threads = decoder_factory, num_threads
         self.ahead, self.timeout_s = ahead, timeout_s
         self.scratch_dir = scratch_dir or default_scratch_dir()
         self.max_abandoned = num_threads if max_abandoned is None else max_abandoned
@@ -259,8 +256,8 @@ class ClipReader:
         self.workers: List[_Worker] = []
         self.abandoned: List[_Worker] = []
         self._closed = False
-        for factory in decoder_factories:
-            self._start_worker(factory)
+        for _ in range(num_threads):
+            self._start_worker()
         for worker in self.workers:
             worker.ready.wait()
             if worker.error is not None:
@@ -352,10 +349,10 @@ class ClipReader:
                 raise RuntimeError(f"{len(self.abandoned)} decoder calls hung for over {self.timeout_s:g} s; the "
                                    "decoder is not working on this machine (last: sample "
                                    f"{ref.key} of {ref.tar})")
-            self._start_worker(worker.factory)
+            self._start_worker()
 
-    def _start_worker(self, factory: Callable[[], FrameDecoder]) -> None:
-        worker = _Worker(self, next(self._numbers), factory)
+    def _start_worker(self) -> None:
+        worker = _Worker(self, next(self._numbers))
         self.workers.append(worker)
         worker.start()
 

@@ -48,45 +48,20 @@ log = logging.getLogger(__name__)
 DECODERS = ("nvdec", "pyav")
 
 
-def decoder_factories(kind: str, device: torch.device, threads: int,
-                      cpu_threads: int = 0) -> List[Callable[[], FrameDecoder]]:
-    """One factory per reader thread: `threads` decoders of `kind`, then, beside NVDEC ones, `cpu_threads` PyAV
-    decoders whose frames are copied to the GPU in their thread (the reader hands out frames on one device)."""
-    from mae_st.data.pyav_decode import PyAVDecoder
+def decoder_factory(kind: str, device: torch.device) -> Callable[[], FrameDecoder]:
+    """What each reader thread calls once to make its decoder."""
+    if kind == "nvdec":
+        if device.type != "cuda":
+            raise ValueError(f"decoder 'nvdec' decodes on a GPU, but the device is {device}; use 'pyav'")
+        from mae_st.data.nvdec import NvdecDecoder
 
+        gpu_id = device.index if device.index is not None else torch.cuda.current_device()
+        return lambda: NvdecDecoder(gpu_id)
     if kind == "pyav":
-        return [PyAVDecoder] * threads
-    if kind != "nvdec":
-        raise ValueError(f"decoder {kind!r}: expected one of {DECODERS}")
-    if device.type != "cuda":
-        raise ValueError(f"decoder 'nvdec' decodes on a GPU, but the device is {device}; use 'pyav'")
-    from mae_st.data.nvdec import NvdecDecoder
+        from mae_st.data.pyav_decode import PyAVDecoder
 
-    gpu_id = device.index if device.index is not None else torch.cuda.current_device()
-    upload = torch.device("cuda", gpu_id)
-    return [lambda: NvdecDecoder(gpu_id)] * threads + [lambda: OnDevice(PyAVDecoder(), upload)] * cpu_threads
-
-
-class OnDevice:
-    """A CPU FrameDecoder whose frames are copied to `device` on the thread's own CUDA stream before they are
-    returned, so a reader can mix it with NVDEC decoders."""
-
-    def __init__(self, decoder: FrameDecoder, device: torch.device):
-        self.decoder, self.device = decoder, device
-        self.stream = torch.cuda.Stream(device=device)
-
-    def __getattr__(self, name):  # the wrapped decoder's counters (videos, frames, seeks)
-        return getattr(self.decoder, name)
-
-    def decode(self, path: str, frame_indices: Sequence[int]) -> torch.Tensor:
-        frames = self.decoder.decode(path, frame_indices)
-        with torch.cuda.stream(self.stream):
-            on_device = frames.pin_memory().to(self.device, non_blocking=True)
-        self.stream.synchronize()  # complete for any stream and thread that receives them
-        return on_device
-
-    def close(self) -> None:
-        self.decoder.close()
+        return PyAVDecoder
+    raise ValueError(f"decoder {kind!r}: expected one of {DECODERS}")
 
 
 @dataclass(frozen=True)
@@ -123,10 +98,10 @@ class ClipStream:
         self.failures: List[SampleFailure] = []
         self.leftover: List[SampleRef] = []  # decoded good samples kept back by drop_last
         self.delivered = 0
-        factories = decoder_factories(decoder, device, cfg.decoder_threads, cfg.cpu_decoder_threads)  # checks
+        factory = decoder_factory(decoder, device)  # checks the kind before any thread starts
         self._owns_reader = reader is None
-        ahead = max(cfg.prefetch_queue_depth * batch_size, len(factories))
-        self.reader = reader or ClipReader(factories, ahead, timeout_s)
+        ahead = max(cfg.prefetch_queue_depth * batch_size, cfg.decoder_threads)
+        self.reader = reader or ClipReader(factory, cfg.decoder_threads, ahead, timeout_s)
         on_gpu = device.type == "cuda"
         spec = ExternalSpec(batch_size=batch_size,
                             clips_per_sample=cfg.repeat_aug if training else cfg.test_num_ensemble_views,

@@ -210,12 +210,11 @@ class VideoLoader:
 
     def _decoder_threads(self):
         from mae_st.data.clip_reader import DEFAULT_TIMEOUT_S, ClipReader
-        from mae_st.data.clip_stream import decoder_factories
+        from mae_st.data.clip_stream import decoder_factory
 
-        factories = decoder_factories(self.decoder, self.device, self.cfg.decoder_threads,
-                                      self.cfg.cpu_decoder_threads)
-        ahead = max(self.cfg.prefetch_queue_depth * self.cfg.batch_size_per_gpu, len(factories))
-        return ClipReader(factories, ahead, DEFAULT_TIMEOUT_S)
+        threads = self.cfg.decoder_threads
+        ahead = max(self.cfg.prefetch_queue_depth * self.cfg.batch_size_per_gpu, threads)
+        return ClipReader(decoder_factory(self.decoder, self.device), threads, ahead, DEFAULT_TIMEOUT_S)
 
     def close(self) -> None:
         for reader in self._readers:

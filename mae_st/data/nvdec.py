@@ -79,6 +79,8 @@ class NvdecDecoder:
     """Decodes chosen frames of a video file to a (len(indices), H, W, 3) uint8 CUDA tensor. One per reader thread:
     it owns one SimpleDecoder (created at its first video, then reconfigured) and one CUDA stream."""
 
+    copy_in_order = True  # False: the earlier copy-then-gather (benchmarks/nvdec_cost.py's levers section)
+
     def __init__(self, gpu_id: int = 0, max_size: Tuple[int, int] = DEFAULT_MAX_SIZE):
         reason = nvdec_unavailable_reason()
         if reason is not None:
@@ -123,10 +125,13 @@ class NvdecDecoder:
             returned = time.perf_counter()
             if len(decoded) != len(wanted):
                 raise RuntimeError(f"{path}: asked for {len(wanted)} frames, the decoder returned {len(decoded)}")
-            distinct = torch.stack([torch.from_dlpack(frame) for frame in decoded])  # copies out of its buffers
-            position = {index: p for p, index in enumerate(wanted)}
-            order = torch.tensor([position[i] for i in clamped], device=self.device)
-            frames = distinct.index_select(0, order)
+            views = dict(zip(wanted, (torch.from_dlpack(frame) for frame in decoded)))
+            if self.copy_in_order:  # one copy out of the library's buffers, straight into the requested order
+                frames = torch.stack([views[i] for i in clamped])
+            else:  # the distinct frames, then a gather into the requested order (a second copy, an index upload)
+                position = {index: p for p, index in enumerate(wanted)}
+                order = torch.tensor([position[i] for i in clamped], device=self.device)
+                frames = torch.stack(list(views.values())).index_select(0, order)
         self.stream.synchronize()  # the frames are complete for any stream and thread that receives them
         self.frames += len(wanted)
         self.seconds["open"] += opened - started

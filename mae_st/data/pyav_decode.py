@@ -7,9 +7,9 @@ the start on constant-rate video (the packer writes nothing else). When the cont
 timestamps, or the seek lands after the frame asked for) it decodes from the start instead. Seeking halves the
 work of a finetuning clip at stride 4 in 10 s videos (docs/performance.md).
 
-The CPU tests run the reader and the pipeline above it on this decoder, `decoder="pyav"` uses it on machines
-without NVDEC, and `--cpu_decoder_threads` runs it beside the NVDEC threads on a GPU machine
-(`mae_st.data.clip_stream.OnDevice` moves its frames to the GPU in the reader thread).
+The CPU tests run the reader and the pipeline above it on this decoder, and `decoder="pyav"` uses it on machines
+without NVDEC. Beside NVDEC threads on a GPU machine it measured slower, not faster: its threads hold the GIL
+long enough to stall the NVDEC ones (docs/performance.md).
 """
 
 from __future__ import annotations
