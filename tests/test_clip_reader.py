@@ -363,3 +363,17 @@ def test_pyav_seeks_to_the_keyframe_before_a_late_clip_and_reads_the_same_frames
     for indices in ([0, 2, 4], [3, 60, 70], [63, 90]):
         assert torch.equal(seeking.decode(keyframe_video, indices), from_start.decode(keyframe_video, indices))
 
+
+def test_nvdec_cost_benchmark_times_each_pattern_and_shows_what_the_seek_saves(tmp_path):
+    """benchmarks/nvdec_cost.py's calls section on PyAV with the tiny footage it films: a row per decoder and frame
+    pattern, and the seeking decoder passes over fewer frames than decoding from the start for a late frame."""
+    done = subprocess.run([sys.executable, "benchmarks/nvdec_cost.py", "--decoder", "pyav", "--quick", "--gops", "30",
+                           "--sections", "calls", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "nvdec_cost.json").read_text())["calls"]
+    assert "error" not in rows[0], rows[0]
+    by = {(r["decoder"], r["pattern"]): r for r in rows}
+    assert len(by) == 10 and all(r["ms/video"] > 0 for r in rows)
+    passed_over = {kind: by[(kind, "1 frame")]["decoder frames/video"] for kind in ("pyav", "pyav from the start")}
+    assert passed_over["pyav"] < passed_over["pyav from the start"]
