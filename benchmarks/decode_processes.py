@@ -31,20 +31,29 @@ from mae_st.data.shards import list_samples  # noqa: E402
 MODES = {"finetune": dict(sampling_rate=4, repeat_aug=1), "pretrain": dict(sampling_rate=8, repeat_aug=16)}
 
 
+def start_reading(factory, threads: int, mode: str, samples, seed: int = 0):
+    """(reader, results): a ClipReader of `threads` decoders reading `samples` with `mode`'s clips, warmed up (every
+    thread has created its decoder and decoded a video)."""
+    from mae_st.data.clip_reader import ClipReader
+    from mae_st.data.clip_stream import ClipPlan
+
+    plan = ClipPlan(DataConfig(num_frames=16, **MODES[mode]), training=True, seed=seed, epoch=0)
+    reader = ClipReader(factory, threads, ahead=max(2 * threads, 4))
+    results = reader.read(plan.request(ref) for ref in samples)
+    for _ in range(2 * threads):
+        next(results)
+    return reader, results
+
+
 def _worker(rank, procs, threads, mode, folder, ipc, kind, ready, out, start, stop):
-    from mae_st.data.clip_reader import ClipReader, DecodedSample
-    from mae_st.data.clip_stream import ClipPlan, decoder_factory
+    from mae_st.data.clip_reader import DecodedSample
+    from mae_st.data.clip_stream import decoder_factory
 
     device = torch.device("cuda", 0) if kind == "nvdec" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    cfg = DataConfig(num_frames=16, **MODES[mode])
-    samples = list_samples(folder)[rank::procs] * 200
-    plan = ClipPlan(cfg, training=True, seed=rank, epoch=0)
-    reader = ClipReader(decoder_factory(kind, device), threads, ahead=max(2 * threads, 4))
-    results = reader.read(plan.request(ref) for ref in samples)
-    for _ in range(2 * threads):  # warm: every thread has created its decoder and decoded a video
-        next(results)
+    reader, results = start_reading(decoder_factory(kind, device), threads, mode,
+                                    list_samples(folder)[rank::procs] * 200, seed=rank)
     ready.put(rank)
     start.wait()
     clips, cpu0, t0 = 0, time.process_time(), time.perf_counter()

@@ -42,16 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 
 from benchmarks.bench_nvdec import QUICK, Bench, Plan  # noqa: E402
-from mae_st.config import DataConfig  # noqa: E402
-from mae_st.data.clip_reader import ClipReader, DecodedSample, read_member  # noqa: E402
-from mae_st.data.clip_stream import ClipPlan  # noqa: E402
+from benchmarks.decode_processes import start_reading  # noqa: E402
+from mae_st.data.clip_reader import DecodedSample, read_member  # noqa: E402
 from mae_st.data.format import VIDEO_EXTS, SampleMeta  # noqa: E402
 from mae_st.data.frames import sample_members  # noqa: E402
 from mae_st.data.shards import list_samples, list_shards  # noqa: E402
 
 PATTERNS = {"1 frame": (1, 1), "16 x stride 1": (16, 1), "16 x stride 4": (16, 4), "16 x stride 8": (16, 8),
             "64 x stride 1": (64, 1)}
-MODES = {"finetune": dict(sampling_rate=4, repeat_aug=1), "pretrain": dict(sampling_rate=8, repeat_aug=16)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -179,7 +177,7 @@ def decode_pattern(decoder, videos: List[tuple], count: int, stride: int, rng: r
 def run_gil(bench: Bench, args) -> List[dict]:
     rows = [{"decoder threads": 0, "python counts/s": count_rate(args.seconds / 2)}]
     for threads in (4, 8):
-        with decoding(bench, "default", "finetune", threads) as progress:
+        with BackgroundDecoding(bench, "default", "finetune", threads) as progress:
             rate = count_rate(args.seconds / 2)
         rows.append({"decoder threads": threads, "python counts/s": rate, "decode clips/s": progress.rate(),
                      "share of alone": round(rate / rows[0]["python counts/s"], 3)})
@@ -210,17 +208,12 @@ class _Progress:
         return round(self.clips / ((self.ended or time.perf_counter()) - self.started), 1)
 
 
-class decoding:
+class BackgroundDecoding:
     """Decode-only reading of a set in the background (ClipReader, `threads` decoders) while the block runs."""
 
     def __init__(self, bench: Bench, set_name: str, mode: str, threads: int):
-        cfg = DataConfig(num_frames=16, **MODES[mode])
-        samples = list_samples(bench.sets[set_name]) * 400
-        plan = ClipPlan(cfg, training=True, seed=0, epoch=0)
-        self.reader = ClipReader(bench._decoder_factory(), threads, ahead=max(2 * threads, 4))
-        self.results = self.reader.read(plan.request(ref) for ref in samples)
-        for _ in range(2 * threads):  # every thread has made its decoder and decoded a video
-            next(self.results)
+        self.reader, self.results = start_reading(bench._decoder_factory(), threads, mode,
+                                                  list_samples(bench.sets[set_name]) * 400)
         self.progress, self.stop = _Progress(), threading.Event()
         self.thread = threading.Thread(target=self._consume, daemon=True)
 
@@ -277,7 +270,7 @@ def run_rates(bench: Bench, args) -> List[dict]:
 
 
 def decode_only_rate(bench: Bench, set_name: str, mode: str, threads: int, seconds: float) -> dict:
-    run = decoding(bench, set_name, mode, threads)
+    run = BackgroundDecoding(bench, set_name, mode, threads)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     with run as progress:
         time.sleep(seconds)
