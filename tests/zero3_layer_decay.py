@@ -1,7 +1,7 @@
 """Run by tests/test_engine.py through the deepspeed launcher on 2 CPU ranks: finetuning steps of real ZeRO-3
 engines whose layer-wise lr decay is per-layer optimizer groups (torch AdamW) or scales bound to DeepSpeed's flat
-partitions (LayerScaledAdamW), a control without layer decay, and a ZeRO-0 engine (which keeps the groups). Rank 0 writes every variant's losses and the
-number of optimizer groups to the JSON path given as the only argument."""
+partitions (LayerScaledAdamW), a control without layer decay, and a ZeRO-0 engine (which keeps the groups). Rank 0
+writes every variant's losses and the number of optimizer groups to the JSON path given as the only argument."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mae_st.config import JobConfig  # noqa: E402
 from mae_st.engine.build import EngineOverrides, build_engine  # noqa: E402
-from mae_st.engine.distributed import init_distributed  # noqa: E402
+from mae_st.engine.distributed import (exit_without_native_teardown, init_distributed,  # noqa: E402
+                                       shutdown_distributed)
 from mae_st.engine.schedule import apply_lr  # noqa: E402
 
 STEPS = 4
@@ -61,7 +62,9 @@ def main() -> None:
     if env.is_main:
         out = next(arg for arg in sys.argv[1:] if not arg.startswith("--"))  # the launcher adds --local_rank=N
         Path(out).write_text(json.dumps(report))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
     main()
+    exit_without_native_teardown()  # as train.py ends: a rank sometimes aborted in the comm stack's teardown
