@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", default="/tmp/mae_st_bench_nvdec", help="bench_nvdec.py's footage and shards")
     p.add_argument("--out", default="nvdec_cost_out")
-    p.add_argument("--decoder", default="nvdec", choices=("nvdec", "pyav"))
+    p.add_argument("--decoder", default="nvdec", choices=("nvdec", "cuvid", "pyav"))
     p.add_argument("--gops", default="30,8,4,2", help="keyframe intervals to pack and compare (30: the default set, "
                    "the packer's one-second GOP)")
     p.add_argument("--sections", default="calls,gil,rates")
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda", 0) if args.decoder == "nvdec" else torch.device("cpu")
+    device = torch.device("cuda", 0) if args.decoder != "pyav" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     plan = dataclasses.replace(QUICK if args.quick else Plan(), measure_seconds=args.seconds)

@@ -73,6 +73,7 @@ class Variant:
     deepcompile: bool = False  # DeepSpeed's DeepCompile: engine.compile() (its engine needs compile.deepcompile)
     # a diagnostic, not a training setting: finetuning with one lr for every layer (2 param groups, not ~2 a block)
     layer_decay: Optional[float] = None
+    manual_gc: bool = False  # Python's automatic collection off during the steps, setup objects frozen
 
 
 VARIANTS: Dict[str, Variant] = {
@@ -93,6 +94,9 @@ VARIANTS: Dict[str, Variant] = {
     "z3-noleaf": Variant("z3 with DeepSpeed's per-layer gathers (no leaf modules)", EngineOverrides(leaves="none")),
     "z3-mel": Variant("z3 with memory_efficient_linear on (DeepSpeed's Python F.linear)",
                       EngineOverrides(memory_efficient_linear=True)),
+    "eager-gc": Variant("eager with the garbage collector frozen and off during the steps", manual_gc=True),
+    "z3-gc": Variant("z3 with the garbage collector frozen and off during the steps", EngineOverrides(),
+                     manual_gc=True),
     "z3-persist": Variant("z3 with every parameter kept gathered", EngineOverrides(zero=PERSIST_ALL)),
     "z3-compile": Variant("z3 + torch.compile of every packed block's forward inside the leaf hooks",
                           EngineOverrides(), compile_blocks=True),
@@ -276,8 +280,57 @@ def profile_window(step, clips, targets, device, steps: int = 2) -> dict:
         sync(device)
     averages = prof.key_averages()
     syncs = sum(e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
-    return {"gemm kernels": gemm_kernels(prof, top=3) if device.type == "cuda" else [],
-            "syncs/step": round(syncs / steps, 1), "sync sites": sync_sites(step, clips, targets, device)}
+    row = {"gemm kernels": gemm_kernels(prof, top=3) if device.type == "cuda" else [],
+           "syncs/step": round(syncs / steps, 1), "sync sites": sync_sites(step, clips, targets, device)}
+    if device.type == "cuda":  # is the step GPU-bound, and on what: kernel time a step, its largest kernels
+        kernels = [e for e in averages if getattr(e, "self_device_time_total", 0) > 0]
+        row["kernel ms/step"] = round(sum(e.self_device_time_total for e in kernels) / 1e3 / steps, 1)
+        kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+        row["top kernels (ms/step, calls/step)"] = [
+            f"{e.key[:60]}: {e.self_device_time_total / 1e3 / steps:.1f}, {e.count / steps:.0f}" for e in kernels[:12]]
+    return row
+
+
+def gc_ab(step, clips, targets, device, blocks: int, steps: int = 5) -> dict:
+    """The same built step with Python's automatic garbage collection and with it off (setup objects frozen), in
+    alternating blocks of `steps` steps: medians in s/step. One engine, one process: no rebuild between them, so
+    the machine's drift (host-bound steps vary by +-25 % between processes on one H200) cancels out."""
+    import statistics
+
+    times: Dict[str, List[float]] = {"gc auto": [], "gc off": []}
+    for block in range(blocks):
+        for mode in (("gc auto", "gc off") if block % 2 == 0 else ("gc off", "gc auto")):
+            if mode == "gc off":
+                gc.collect()
+                gc.freeze()
+                gc.disable()
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(steps):
+                step(clips, targets)
+            sync(device)
+            times[mode].append((time.perf_counter() - started) / steps)
+            gc.enable()
+            gc.unfreeze()
+    auto, off = (statistics.median(times[k]) for k in ("gc auto", "gc off"))
+    return {"gc auto s/step": round(auto, 4), "gc off s/step": round(off, 4), "gc off / auto": round(off / auto, 3)}
+
+
+def python_hot_spots(step, clips, targets, device, steps: int, top: int = 25) -> List[str]:
+    """Where a host-bound step's Python time goes: cProfile over `steps` steps, functions by own time (ms/step)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step(clips, targets)
+    sync(device)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return [f"{1e3 * own / steps:.1f} ms own, {1e3 * cumulative / steps:.1f} cum, {calls / steps:.0f} calls: "
+            f"{Path(file).name}:{line} {name}" for (file, line, name), (_, calls, own, cumulative, _) in rows]
 
 
 def matmul_tflops(device: torch.device, seconds: float = 1.0) -> float:
@@ -309,6 +362,10 @@ def measure(name: str, cfg: JobConfig, env, args, peak: float, flops: float) -> 
             cfg.optim.layer_decay = VARIANTS[name].layer_decay
         step, engine, dtype = make_step(VARIANTS[name], cfg, env, args.lr)
         build = time.perf_counter() - started
+        if VARIANTS[name].manual_gc:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
         torch.manual_seed(2)
         clips = torch.randn(clips_per_step, 3, cfg.data.num_frames, cfg.data.img_size, cfg.data.img_size,
                             device=env.device, dtype=dtype)
@@ -323,14 +380,45 @@ def measure(name: str, cfg: JobConfig, env, args, peak: float, flops: float) -> 
                "loss": round(loss, 5), "build s": round(build, 1), "first step s": round(first, 1)}
         if args.profile_steps:
             row.update(profile_window(step, clips, targets, env.device, args.profile_steps))
+        if args.gc_ab_blocks:
+            row.update(gc_ab(step, clips, targets, env.device, args.gc_ab_blocks))
+        if args.python_profile_steps:
+            row["python hot spots"] = python_hot_spots(step, clips, targets, env.device, args.python_profile_steps)
         del step
     except Exception as err:  # noqa: BLE001 -- one variant's failure must not cost the others
         traceback.print_exc()
         row = {"variant": name, "error": f"{type(err).__name__}: {err}"[:300]}
     finally:
+        gc.enable()
+        gc.unfreeze()
         tear_down(engine)
         engine = None
     return row
+
+
+def measure_in_child(name: str, mode: str, model: str, clips: int, args, peak: float) -> dict:
+    """`measure` in a fresh process: what one variant leaves behind (memory, hooks, objects the garbage collector
+    scans) slows the variants after it (on an H200, eager after z3 ran 0.114-0.120 s/step against 0.082-0.086
+    before it), and host-bound steps feel it most."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        passed = {"--mode": mode, "--model": model, "--clips": clips, "--variants": name, "--steps": args.steps,
+                  "--warmup": args.warmup, "--profile_steps": args.profile_steps, "--lr": args.lr,
+                  "--python_profile_steps": args.python_profile_steps, "--gc_ab_blocks": args.gc_ab_blocks,
+                  "--matmul_tflops": peak, "--out": out}
+        command = [sys.executable, __file__] + [str(x) for kv in passed.items() for x in kv] + \
+            (["--tiny"] if args.tiny else [])
+        env = {k: v for k, v in os.environ.items() if k not in WORLD_ENV}  # the child starts its own world
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0 or not os.path.exists(out):
+            return {"variant": name, "error": f"child exited {done.returncode}: {done.stderr[-300:]}"}
+        return json.loads(Path(out).read_text())["configs"][0]["rows"][0]
+
+
+WORLD_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 COLUMNS = ("s/step", "clips/s", "x eager", "MFU %", "peak GB", "loss", "syncs/step")
@@ -362,9 +450,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (at least 1)")
     parser.add_argument("--profile_steps", type=int, default=2, help="steps in the profiler window (0: none)")
+    parser.add_argument("--python_profile_steps", type=int, default=0,
+                        help="steps under cProfile after the timed ones: the Python functions a step spends on")
+    parser.add_argument("--gc_ab_blocks", type=int, default=0,
+                        help="after the timed steps, this many alternating blocks of 5 steps with Python's garbage "
+                             "collector on and off (setup objects frozen): medians of each")
     parser.add_argument("--lr", type=float, default=1e-4, help="a small lr, so `loss` shows wrong gradients")
     parser.add_argument("--matmul_tflops", type=float, default=0.0, help="MFU denominator; 0 measures it")
     parser.add_argument("--budget_s", type=float, default=540.0, help="rows that would start later are skipped")
+    parser.add_argument("--isolate", action="store_true",
+                        help="each variant in its own process (a variant slows the ones after it in one process)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile_step.json"))
     args = parser.parse_args(argv)
     if args.list:
@@ -387,12 +482,18 @@ def main(argv: Optional[List[str]] = None) -> None:
                     min(clips, 2)) for label, mode, _, clips in configs]
 
     started = time.perf_counter()
-    env = start_one_rank_world()
     import deepspeed
 
-    peak = args.matmul_tflops or matmul_tflops(env.device)
-    header = {"device": torch.cuda.get_device_name(env.device) if env.on_gpu else "cpu", "torch": torch.__version__,
-              "deepspeed": deepspeed.__version__, "matmul TFLOP/s": round(peak, 1 if env.on_gpu else 4)}
+    if args.isolate:
+        env = None
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        env = start_one_rank_world()
+        device = env.device
+    peak = args.matmul_tflops or matmul_tflops(device)
+    header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+              "matmul TFLOP/s": round(peak, 1 if device.type == "cuda" else 4), "isolated": args.isolate}
     print(json.dumps(header), flush=True)
     report = {**header, "configs": []}
     for label, mode, model, clips in configs:
@@ -402,7 +503,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             if time.perf_counter() - started > args.budget_s:
                 cfg_rows.append({"variant": name, "skipped": f"--budget_s {args.budget_s:.0f} used up"})
                 continue
-            row = measure(name, job_config(mode, model, clips, args.tiny), env, args, peak, flops)
+            if args.isolate:
+                row = measure_in_child(name, mode, model, clips, args, peak)
+            else:
+                row = measure(name, job_config(mode, model, clips, args.tiny), env, args, peak, flops)
             cfg_rows.append(row)
             print(json.dumps({"config": label, **row}), flush=True)
         eager = next((r["clips/s"] for r in cfg_rows if r["variant"] == "eager" and "clips/s" in r), None)

@@ -32,19 +32,19 @@ from mae_st.data.pyav_decode import PyAVDecoder
 from mae_st.data.shards import list_samples
 from tests.video_factory import decode_frame_index, frame_index_frames, write_video
 
-DECODER = os.environ.get("MAE_ST_TEST_DECODER", "pyav")  # pyav | nvdec
-DEVICE = torch.device("cuda" if DECODER == "nvdec" else "cpu")
+DECODER = os.environ.get("MAE_ST_TEST_DECODER", "pyav")  # pyav | nvdec | cuvid
+DEVICE = torch.device("cpu" if DECODER == "pyav" else "cuda")
 # two frame sizes, alternating by video; NVDEC decodes no VP9 smaller than 128x128
-SIZES = [(144, 192), (176, 240)] if DECODER == "nvdec" else [(48, 64), (60, 80)]
+SIZES = [(48, 64), (60, 80)] if DECODER == "pyav" else [(144, 192), (176, 240)]
 LONG, SHORT = 40, 6  # frames per test video; v3 and v7 are SHORT
 
 
 def make_decoder():
-    if DECODER == "nvdec":
-        from mae_st.data.nvdec import NvdecDecoder
+    if DECODER == "pyav":
+        return PyAVDecoder()
+    from mae_st.data.clip_stream import decoder_factory
 
-        return NvdecDecoder(0)
-    return PyAVDecoder()
+    return decoder_factory(DECODER, torch.device("cuda", 0))()
 
 
 def video_frames(num_frames: int, video_id: int) -> np.ndarray:
