@@ -92,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_nvdec_out", help="folder for bench_nvdec.json and logs (e.g. $OUT)")
     p.add_argument("--work-dir", default="/tmp/mae_st_bench_nvdec", help="footage and shards (reused when present)")
-    p.add_argument("--decoder", default="nvdec", choices=("nvdec", "cuvid", "pyav"))
+    p.add_argument("--decoder", default="nvdec", choices=("nvdec", "pyav"))
     p.add_argument("--quick", action="store_true", help="tiny footage and few rows: every code path on a CPU")
     p.add_argument("--seconds", type=float, default=None, help="cap per throughput row (default 9, quick 6)")
     p.add_argument("--sections", default="env,data,check,throughput,loader")

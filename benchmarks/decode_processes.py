@@ -124,7 +124,7 @@ def main() -> None:
     p.add_argument("--shards", required=True)
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--out", default=None, help="JSON of the rows")
-    p.add_argument("--decoder", default="nvdec", choices=("nvdec", "cuvid", "pyav"), help="pyav: the CPU check of this script")
+    p.add_argument("--decoder", default="nvdec", choices=("nvdec", "pyav"), help="pyav: the CPU check of this script")
     p.add_argument("--rows", default="finetune:1x1,finetune:1x4,finetune:1x8,finetune:2x4,finetune:4x2,"
                    "finetune:8x1,finetune:4x2:ipc,finetune:8x1:ipc,pretrain:1x8,pretrain:4x2,pretrain:8x1,"
                    "pretrain:8x1:ipc")

@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", default="/tmp/mae_st_bench_nvdec", help="bench_nvdec.py's footage and shards")
     p.add_argument("--out", default="nvdec_cost_out")
-    p.add_argument("--decoder", default="nvdec", choices=("nvdec", "cuvid", "pyav"))
+    p.add_argument("--decoder", default="nvdec", choices=("nvdec", "pyav"))
     p.add_argument("--gops", default="30,8,4,2", help="keyframe intervals to pack and compare (30: the default set, "
                    "the packer's one-second GOP)")
     p.add_argument("--sections", default="calls,gil,rates")

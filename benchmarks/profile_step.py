@@ -73,7 +73,6 @@ class Variant:
     deepcompile: bool = False  # DeepSpeed's DeepCompile: engine.compile() (its engine needs compile.deepcompile)
     # a diagnostic, not a training setting: finetuning with one lr for every layer (2 param groups, not ~2 a block)
     layer_decay: Optional[float] = None
-    manual_gc: bool = False  # Python's automatic collection off during the steps, setup objects frozen
 
 
 VARIANTS: Dict[str, Variant] = {
@@ -94,9 +93,6 @@ VARIANTS: Dict[str, Variant] = {
     "z3-noleaf": Variant("z3 with DeepSpeed's per-layer gathers (no leaf modules)", EngineOverrides(leaves="none")),
     "z3-mel": Variant("z3 with memory_efficient_linear on (DeepSpeed's Python F.linear)",
                       EngineOverrides(memory_efficient_linear=True)),
-    "eager-gc": Variant("eager with the garbage collector frozen and off during the steps", manual_gc=True),
-    "z3-gc": Variant("z3 with the garbage collector frozen and off during the steps", EngineOverrides(),
-                     manual_gc=True),
     "z3-persist": Variant("z3 with every parameter kept gathered", EngineOverrides(zero=PERSIST_ALL)),
     "z3-compile": Variant("z3 + torch.compile of every packed block's forward inside the leaf hooks",
                           EngineOverrides(), compile_blocks=True),
@@ -283,37 +279,13 @@ def profile_window(step, clips, targets, device, steps: int = 2) -> dict:
     row = {"gemm kernels": gemm_kernels(prof, top=3) if device.type == "cuda" else [],
            "syncs/step": round(syncs / steps, 1), "sync sites": sync_sites(step, clips, targets, device)}
     if device.type == "cuda":  # is the step GPU-bound, and on what: kernel time a step, its largest kernels
-        kernels = [e for e in averages if getattr(e, "self_device_time_total", 0) > 0]
+        kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA
+                   and getattr(e, "self_device_time_total", 0) > 0]  # an op's own entry repeats its kernels' time
         row["kernel ms/step"] = round(sum(e.self_device_time_total for e in kernels) / 1e3 / steps, 1)
         kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
         row["top kernels (ms/step, calls/step)"] = [
             f"{e.key[:60]}: {e.self_device_time_total / 1e3 / steps:.1f}, {e.count / steps:.0f}" for e in kernels[:12]]
     return row
-
-
-def gc_ab(step, clips, targets, device, blocks: int, steps: int = 5) -> dict:
-    """The same built step with Python's automatic garbage collection and with it off (setup objects frozen), in
-    alternating blocks of `steps` steps: medians in s/step. One engine, one process: no rebuild between them, so
-    the machine's drift (host-bound steps vary by +-25 % between processes on one H200) cancels out."""
-    import statistics
-
-    times: Dict[str, List[float]] = {"gc auto": [], "gc off": []}
-    for block in range(blocks):
-        for mode in (("gc auto", "gc off") if block % 2 == 0 else ("gc off", "gc auto")):
-            if mode == "gc off":
-                gc.collect()
-                gc.freeze()
-                gc.disable()
-            sync(device)
-            started = time.perf_counter()
-            for _ in range(steps):
-                step(clips, targets)
-            sync(device)
-            times[mode].append((time.perf_counter() - started) / steps)
-            gc.enable()
-            gc.unfreeze()
-    auto, off = (statistics.median(times[k]) for k in ("gc auto", "gc off"))
-    return {"gc auto s/step": round(auto, 4), "gc off s/step": round(off, 4), "gc off / auto": round(off / auto, 3)}
 
 
 def python_hot_spots(step, clips, targets, device, steps: int, top: int = 25) -> List[str]:
@@ -362,10 +334,6 @@ def measure(name: str, cfg: JobConfig, env, args, peak: float, flops: float) -> 
             cfg.optim.layer_decay = VARIANTS[name].layer_decay
         step, engine, dtype = make_step(VARIANTS[name], cfg, env, args.lr)
         build = time.perf_counter() - started
-        if VARIANTS[name].manual_gc:
-            gc.collect()
-            gc.freeze()
-            gc.disable()
         torch.manual_seed(2)
         clips = torch.randn(clips_per_step, 3, cfg.data.num_frames, cfg.data.img_size, cfg.data.img_size,
                             device=env.device, dtype=dtype)
@@ -380,8 +348,6 @@ def measure(name: str, cfg: JobConfig, env, args, peak: float, flops: float) -> 
                "loss": round(loss, 5), "build s": round(build, 1), "first step s": round(first, 1)}
         if args.profile_steps:
             row.update(profile_window(step, clips, targets, env.device, args.profile_steps))
-        if args.gc_ab_blocks:
-            row.update(gc_ab(step, clips, targets, env.device, args.gc_ab_blocks))
         if args.python_profile_steps:
             row["python hot spots"] = python_hot_spots(step, clips, targets, env.device, args.python_profile_steps)
         del step
@@ -389,8 +355,6 @@ def measure(name: str, cfg: JobConfig, env, args, peak: float, flops: float) -> 
         traceback.print_exc()
         row = {"variant": name, "error": f"{type(err).__name__}: {err}"[:300]}
     finally:
-        gc.enable()
-        gc.unfreeze()
         tear_down(engine)
         engine = None
     return row
@@ -407,7 +371,7 @@ def measure_in_child(name: str, mode: str, model: str, clips: int, args, peak: f
         out = os.path.join(tmp, "row.json")
         passed = {"--mode": mode, "--model": model, "--clips": clips, "--variants": name, "--steps": args.steps,
                   "--warmup": args.warmup, "--profile_steps": args.profile_steps, "--lr": args.lr,
-                  "--python_profile_steps": args.python_profile_steps, "--gc_ab_blocks": args.gc_ab_blocks,
+                  "--python_profile_steps": args.python_profile_steps,
                   "--matmul_tflops": peak, "--out": out}
         command = [sys.executable, __file__] + [str(x) for kv in passed.items() for x in kv] + \
             (["--tiny"] if args.tiny else [])
@@ -452,9 +416,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--profile_steps", type=int, default=2, help="steps in the profiler window (0: none)")
     parser.add_argument("--python_profile_steps", type=int, default=0,
                         help="steps under cProfile after the timed ones: the Python functions a step spends on")
-    parser.add_argument("--gc_ab_blocks", type=int, default=0,
-                        help="after the timed steps, this many alternating blocks of 5 steps with Python's garbage "
-                             "collector on and off (setup objects frozen): medians of each")
     parser.add_argument("--lr", type=float, default=1e-4, help="a small lr, so `loss` shows wrong gradients")
     parser.add_argument("--matmul_tflops", type=float, default=0.0, help="MFU denominator; 0 measures it")
     parser.add_argument("--budget_s", type=float, default=540.0, help="rows that would start later are skipped")

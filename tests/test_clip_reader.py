@@ -32,7 +32,7 @@ from mae_st.data.pyav_decode import PyAVDecoder
 from mae_st.data.shards import list_samples
 from tests.video_factory import decode_frame_index, frame_index_frames, write_video
 
-DECODER = os.environ.get("MAE_ST_TEST_DECODER", "pyav")  # pyav | nvdec | cuvid
+DECODER = os.environ.get("MAE_ST_TEST_DECODER", "pyav")  # pyav | nvdec
 DEVICE = torch.device("cpu" if DECODER == "pyav" else "cuda")
 # two frame sizes, alternating by video; NVDEC decodes no VP9 smaller than 128x128
 SIZES = [(48, 64), (60, 80)] if DECODER == "pyav" else [(144, 192), (176, 240)]

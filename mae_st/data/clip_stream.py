@@ -45,22 +45,17 @@ from mae_st.data.pipeline import ExternalSpec, build_external_pipeline, feed_ext
 
 log = logging.getLogger(__name__)
 
-DECODERS = ("nvdec", "cuvid", "pyav")
-GPU_DECODERS = ("nvdec", "cuvid")
+DECODERS = ("nvdec", "pyav")
 
 
 def decoder_factory(kind: str, device: torch.device) -> Callable[[], FrameDecoder]:
     """What each reader thread calls once to make its decoder."""
-    if kind in GPU_DECODERS:
+    if kind == "nvdec":
         if device.type != "cuda":
-            raise ValueError(f"decoder {kind!r} decodes on a GPU, but the device is {device}; use 'pyav'")
-        gpu_id = device.index if device.index is not None else torch.cuda.current_device()
-        if kind == "cuvid":
-            from mae_st.data.cuvid import CuvidDecoder
-
-            return lambda: CuvidDecoder(gpu_id)
+            raise ValueError(f"decoder 'nvdec' decodes on a GPU, but the device is {device}; use 'pyav'")
         from mae_st.data.nvdec import NvdecDecoder
 
+        gpu_id = device.index if device.index is not None else torch.cuda.current_device()
         return lambda: NvdecDecoder(gpu_id)
     if kind == "pyav":
         from mae_st.data.pyav_decode import PyAVDecoder
@@ -111,7 +106,7 @@ class ClipStream:
         spec = ExternalSpec(batch_size=batch_size,
                             clips_per_sample=cfg.repeat_aug if training else cfg.test_num_ensemble_views,
                             device_id=_device_id(device) if on_gpu else None,
-                            frames_on_gpu=decoder in GPU_DECODERS, half=half,
+                            frames_on_gpu=decoder == "nvdec", half=half,
                             seed=_pipeline_seed(seed, epoch) if pipeline_seed is None else pipeline_seed)
         self.pipe = build_external_pipeline(spec, cfg, mode, training)
         plan = ClipPlan(cfg, training, seed, epoch)
