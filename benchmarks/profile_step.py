@@ -93,6 +93,8 @@ VARIANTS: Dict[str, Variant] = {
     "z3-noleaf": Variant("z3 with DeepSpeed's per-layer gathers (no leaf modules)", EngineOverrides(leaves="none")),
     "z3-mel": Variant("z3 with memory_efficient_linear on (DeepSpeed's Python F.linear)",
                       EngineOverrides(memory_efficient_linear=True)),
+    "z3-walkleaves": Variant("z3 with DeepSpeed listing each leaf's parameters at every fetch and release (as "
+                             "before 2026-12-01 fourth)", EngineOverrides(list_leaves_once=False)),
     "z3-persist": Variant("z3 with every parameter kept gathered", EngineOverrides(zero=PERSIST_ALL)),
     "z3-compile": Variant("z3 + torch.compile of every packed block's forward inside the leaf hooks",
                           EngineOverrides(), compile_blocks=True),

@@ -295,8 +295,9 @@ def test_zero3_finetuning_with_scales_in_the_optimizer_matches_per_layer_groups(
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
-    groups, scales, control, zero0 = (report[k] for k in ("layer groups", "scales in optimizer", "no layer decay",
-                                                           "zero 0"))
+    groups, scales, walked, control, zero0 = (report[k] for k in ("layer groups", "scales in optimizer",
+                                                                   "leaves walked", "no layer decay", "zero 0"))
+    assert walked["losses"] == scales["losses"]  # the kept leaf lists fetch and release exactly what the walk does
     assert report["world size"] == 2
     assert (groups["optimizer"], scales["optimizer"], zero0["optimizer"]) == ("AdamW", "LayerScaledAdamW", "AdamW")
     assert scales["optimizer groups"] == 2 < groups["optimizer groups"] == zero0["optimizer groups"]

@@ -17,7 +17,8 @@ from mae_st.config import ModelConfig
 from mae_st.engine.checkpoint import COMPLETE_MARKER, PARAM_LAYOUT, PARAM_LAYOUT_KEY, check_resume_layout
 from mae_st.engine.fused_params import FUSED_DECAY, FUSED_NO_DECAY, fuse_block_parameters, to_block_names
 from mae_st.engine.optim import build_param_groups, weight_decay_rule
-from mae_st.engine.zero import byte_alignment, gathered_weight_offsets, linear_weight_names, order_for_aligned_views
+from mae_st.engine.zero import (byte_alignment, gathered_weight_offsets, linear_weight_names,
+                                list_leaf_parameters_once, order_for_aligned_views)
 from mae_st.models import build_model, create_model
 from mae_st.models.layers import PACK_ALIGN, PackedBlock, block_decayed_names
 
@@ -217,3 +218,57 @@ def test_a_finetuning_checkpoint_with_per_layer_optimizer_groups_is_refused(tmp_
         else:
             with pytest.raises(ConfigError, match=f"parameter layout 2 .checkpoint. vs {PARAM_LAYOUT} .now"):
                 check_resume_layout(folder, cfg)
+
+
+def test_zero3_leaves_list_their_parameters_once_and_again_when_deepspeed_registers_one():
+    """What the ZeRO-3 engine's fetch and release get from DeepSpeed's iter_params: a leaf's parameters, listed by
+    one walk of its modules, then kept (and listed again when an external parameter is registered on it); other
+    modules walked as before; no leaf kept alive by the list; DeepSpeed's own function back when turned off."""
+    import gc
+    import weakref
+
+    from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator as coordinator
+    from deepspeed.runtime.zero.partition_parameters import _init_external_params, register_external_parameter
+    from deepspeed.utils import set_z3_leaf_modules
+
+    def counting_walks(module):
+        walks = [0]
+        named_parameters = module.named_parameters
+
+        def counted(*args, **kwargs):
+            walks[0] += 1
+            return named_parameters(*args, **kwargs)
+
+        module.named_parameters = counted
+        return walks
+
+    before = coordinator.iter_params
+    original = getattr(before, "deepspeed_iter_params", before)
+    try:
+        assert list_leaf_parameters_once()
+        iter_params = coordinator.iter_params
+        assert parameter_offload.iter_params is iter_params and iter_params is not original
+        leaf = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Sequential(torch.nn.LayerNorm(3),
+                                                                               torch.nn.Linear(3, 1)))
+        other = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        set_z3_leaf_modules(leaf, [torch.nn.Sequential])
+        for module in (leaf, other):
+            _init_external_params(module)  # what ZeRO-3's initialisation gives every module
+        leaf_params, other_params = list(leaf.parameters()), list(other.parameters())
+        leaf_walks, other_walks = counting_walks(leaf), counting_walks(other)
+        for _ in range(3):
+            assert list(iter_params(leaf, recurse=True)) == leaf_params
+            assert list(iter_params(other, recurse=True)) == other_params
+        assert (leaf_walks[0], other_walks[0]) == (1, 3)
+        assert list(iter_params(leaf)) == []  # recurse=False: the leaf's own (none), DeepSpeed's way
+        extra = torch.nn.Parameter(torch.zeros(1))
+        register_external_parameter(leaf, extra)
+        assert list(iter_params(leaf, recurse=True)) == leaf_params + [extra] and leaf_walks[0] == 3
+        gone = weakref.ref(leaf)
+        del leaf
+        gc.collect()
+        assert gone() is None
+        assert list_leaf_parameters_once(enabled=False)
+        assert coordinator.iter_params is original and parameter_offload.iter_params is original
+    finally:
+        coordinator.iter_params = parameter_offload.iter_params = before

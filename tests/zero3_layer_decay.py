@@ -1,6 +1,7 @@
 """Run by tests/test_engine.py through the deepspeed launcher on 2 CPU ranks: finetuning steps of real ZeRO-3
 engines whose layer-wise lr decay is per-layer optimizer groups (torch AdamW) or scales bound to DeepSpeed's flat
-partitions (LayerScaledAdamW), a control without layer decay, and a ZeRO-0 engine (which keeps the groups). Rank 0
+partitions (LayerScaledAdamW), the latter with DeepSpeed walking each leaf's modules at every fetch instead of
+the lists mae_st.engine.zero keeps, a control without layer decay, and a ZeRO-0 engine (which keeps the groups). Rank 0
 writes every variant's losses and the number of optimizer groups to the JSON path given as the only argument."""
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main() -> None:
     report = {"world size": env.world_size,
               "layer groups": losses(env, 0.75, EngineOverrides(layer_groups=True)),
               "scales in optimizer": losses(env, 0.75, EngineOverrides()),
+              "leaves walked": losses(env, 0.75, EngineOverrides(list_leaves_once=False)),
               "no layer decay": losses(env, 1.0, EngineOverrides()),
               "zero 0": losses(env, 0.75, EngineOverrides(zero_stage=0))}
     if env.is_main:

@@ -24,7 +24,7 @@ from mae_st.engine.fused_params import fuse_block_parameters
 from mae_st.engine.optim import LayerScaledAdamW, build_optimizer, weight_decay_rule
 from mae_st.engine.trainer import LossFn, build_loss_fn
 from mae_st.engine.zero import (bind_lr_scales_to_partitions, gather_block_stacks_under_zero3,
-                                order_for_aligned_views)
+                                list_leaf_parameters_once, order_for_aligned_views)
 from mae_st.models import build_model
 from mae_st.models.layers import Block, PackedBlock
 
@@ -52,6 +52,8 @@ class EngineOverrides:
     # finetuning's layer-wise lr decay as one optimizer group per layer (torch AdamW, as before 2026-12-01) instead
     # of scales inside one group per weight-decay setting (LayerScaledAdamW); other ZeRO stages always use groups
     layer_groups: bool = False
+    # ZeRO-3 leaves' parameter lists kept instead of walked at every fetch (mae_st.engine.zero; the process's setting)
+    list_leaves_once: bool = True
 
     def __post_init__(self) -> None:
         if self.leaves not in LEAVES:
@@ -134,6 +136,9 @@ def build_engine(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = Engi
         gather_block_stacks_under_zero3(model, ds_config)
     elif overrides.leaves == "block" and stage == 3:
         set_z3_leaf_modules(model, [Block, PackedBlock])
+    if stage == 3 and not list_leaf_parameters_once(overrides.list_leaves_once) and overrides.list_leaves_once:
+        log.warning("DeepSpeed %s has no iter_params to wrap: ZeRO-3 walks each leaf's modules at every fetch",
+                    deepspeed.__version__)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     bind_lr_scales_to_partitions(engine.optimizer)
     return BuiltEngine(model=engine.module, engine=engine, ds_config=ds_config, dtype=dtype,
