@@ -290,6 +290,32 @@ def profile_window(step, clips, targets, device, steps: int = 2) -> dict:
     return row
 
 
+def leaf_lists_ab(step, clips, targets, device, blocks: int, steps: int = 5) -> dict:
+    """The same built ZeRO-3 step with the leaves' parameter lists kept (mae_st.engine.zero, train.py's setting)
+    and walked by DeepSpeed at every fetch, in alternating blocks of `steps` steps: medians in s/step. One engine,
+    one process, so the machine's drift between processes (+-25 % for host-bound steps) cancels out."""
+    import statistics
+
+    from mae_st.engine.zero import list_leaf_parameters_once
+
+    times: Dict[bool, List[float]] = {True: [], False: []}
+    try:
+        for block in range(blocks):
+            for kept in ((True, False) if block % 2 == 0 else (False, True)):
+                list_leaf_parameters_once(kept)
+                sync(device)
+                started = time.perf_counter()
+                for _ in range(steps):
+                    step(clips, targets)
+                sync(device)
+                times[kept].append((time.perf_counter() - started) / steps)
+    finally:
+        list_leaf_parameters_once(True)
+    kept, walked = statistics.median(times[True]), statistics.median(times[False])
+    return {"leaf lists kept s/step": round(kept, 4), "walked s/step": round(walked, 4),
+            "kept / walked": round(kept / walked, 3)}
+
+
 def python_hot_spots(step, clips, targets, device, steps: int, top: int = 25) -> List[str]:
     """Where a host-bound step's Python time goes: cProfile over `steps` steps, functions by own time (ms/step)."""
     import cProfile
@@ -350,6 +376,8 @@ def measure(name: str, cfg: JobConfig, env, args, peak: float, flops: float) -> 
                "loss": round(loss, 5), "build s": round(build, 1), "first step s": round(first, 1)}
         if args.profile_steps:
             row.update(profile_window(step, clips, targets, env.device, args.profile_steps))
+        if args.leaf_lists_ab and VARIANTS[name].engine is not None:
+            row.update(leaf_lists_ab(step, clips, targets, env.device, args.leaf_lists_ab))
         if args.python_profile_steps:
             row["python hot spots"] = python_hot_spots(step, clips, targets, env.device, args.python_profile_steps)
         del step
@@ -373,7 +401,7 @@ def measure_in_child(name: str, mode: str, model: str, clips: int, args, peak: f
         out = os.path.join(tmp, "row.json")
         passed = {"--mode": mode, "--model": model, "--clips": clips, "--variants": name, "--steps": args.steps,
                   "--warmup": args.warmup, "--profile_steps": args.profile_steps, "--lr": args.lr,
-                  "--python_profile_steps": args.python_profile_steps,
+                  "--python_profile_steps": args.python_profile_steps, "--leaf_lists_ab": args.leaf_lists_ab,
                   "--matmul_tflops": peak, "--out": out}
         command = [sys.executable, __file__] + [str(x) for kv in passed.items() for x in kv] + \
             (["--tiny"] if args.tiny else [])
@@ -418,6 +446,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--profile_steps", type=int, default=2, help="steps in the profiler window (0: none)")
     parser.add_argument("--python_profile_steps", type=int, default=0,
                         help="steps under cProfile after the timed ones: the Python functions a step spends on")
+    parser.add_argument("--leaf_lists_ab", type=int, default=0,
+                        help="after the timed steps of a DeepSpeed variant, this many alternating blocks of 5 steps "
+                             "with ZeRO-3 leaves' parameter lists kept and walked: medians of each")
     parser.add_argument("--lr", type=float, default=1e-4, help="a small lr, so `loss` shows wrong gradients")
     parser.add_argument("--matmul_tflops", type=float, default=0.0, help="MFU denominator; 0 measures it")
     parser.add_argument("--budget_s", type=float, default=540.0, help="rows that would start later are skipped")
