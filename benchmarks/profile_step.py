@@ -1,4 +1,4 @@
-"""The training step train.py runs against plain PyTorch, in one table per model and batch, one process.
+"""The training step train.py runs against plain PyTorch, in one table per model and batch.
 
 On the GPU machine (one H200, about 6 minutes; the table, then $OUT/profile_step.json):
 
@@ -17,7 +17,17 @@ the non-finite/SIGTERM flag all-reduce and its one host read, backward, step). `
 model init, bf16 autocast over fp32 weights, fused AdamW, no DeepSpeed; the reference for what the model costs, and
 `x eager` divides each row's clips/s by it, measured in the same run. MFU divides the matmul FLOPs
 (benchmarks/flops.py) by a bf16 8192^3 matmul measured at start. After the timed steps a short torch.profiler
-window names the step's top GEMM kernels and counts its host syncs (cudaStreamSynchronize / cudaDeviceSynchronize).
+window names the step's top GEMM kernels and counts its host syncs (cudaStreamSynchronize / cudaDeviceSynchronize);
+on a GPU it also gives the kernel time per step and the largest kernels, which tell a GPU-bound step from a
+host-bound one.
+
+Host-bound steps (the 16-clip pretraining step, ViT-B/16) need care: in one process a variant slows the ones after
+it (eager measured after z3 took up to 1.4x its time on an H200, docs/performance.md). `--isolate` runs each
+variant in its own process; `--leaf_lists_ab N` compares the ZeRO-3 leaves' kept parameter lists with DeepSpeed's
+walk on one engine (alternating blocks, so the machine's drift cancels out); `--python_profile_steps N` lists the
+Python functions a step spends its time in (cProfile, which inflates Python-heavy code).
+
+    python3 benchmarks/profile_step.py --isolate --profile_steps 0 --variants eager,z3 --leaf_lists_ab 10
 
 The `loss` column is the last timed step's loss; every variant starts from the same weights and draws the same
 masks, so on a CPU (fp32) correct variants agree to ~5 digits; bf16 on a GPU rounds differently.
@@ -391,9 +401,9 @@ def measure(name: str, cfg: JobConfig, env, args, peak: float, flops: float) -> 
 
 
 def measure_in_child(name: str, mode: str, model: str, clips: int, args, peak: float) -> dict:
-    """`measure` in a fresh process: what one variant leaves behind (memory, hooks, objects the garbage collector
-    scans) slows the variants after it (on an H200, eager after z3 ran 0.114-0.120 s/step against 0.082-0.086
-    before it), and host-bound steps feel it most."""
+    """`measure` in a fresh process: what one variant leaves behind slows the variants after it (on an H200,
+    eager after z3 ran 0.114-0.120 s/step against 0.082-0.086 before it, with 26.6 against 17.0 GB peak memory),
+    and host-bound steps feel it most."""
     import subprocess
     import tempfile
 

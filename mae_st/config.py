@@ -419,7 +419,8 @@ def validate_job_config(cfg: JobConfig) -> None:
     if run.mode == "pretrain" and (model.pred_t_dim > data.num_frames
                                    or (model.t_patch_size * model.pred_t_dim) % data.num_frames):
         raise ConfigError(f"--pred_t_dim {model.pred_t_dim}: must be <= --num_frames {data.num_frames} and "
-                          "--t_patch_size x --pred_t_dim a multiple of --num_frames (e.g. --pred_t_dim = num_frames / 2)")
+                          "--t_patch_size x --pred_t_dim a multiple of --num_frames "
+                          "(e.g. --pred_t_dim = num_frames / 2)")
     for flag, value in (("--batch_size_per_gpu", data.batch_size_per_gpu), ("--repeat_aug", data.repeat_aug),
                         ("--accum_iter", optim.accum_iter), ("--epochs", optim.epochs),
                         ("--num_frames", data.num_frames), ("--img_size", data.img_size),

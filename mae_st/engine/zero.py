@@ -42,12 +42,11 @@ def list_leaf_parameters_once(enabled: bool = True) -> bool:
     Why: DeepSpeed's `iter_params(module, recurse=True)` (partitioned_param_coordinator.py, imported by name into
     parameter_offload.py) runs at each fetch, release and backward hook of a leaf and walks the leaf's whole
     subtree: ViT-H/14's encoder stack is 545 modules, and a 16-clip pretraining step walked 8,683 modules (its
-    cProfile). That host time is what the reference recipe's 16-clip pretraining step waits on
-    (docs/performance.md). A leaf's parameters are fixed
-    once its engine is built (ZeRO-3 converts them at initialisation), so the list is kept, and made again if
-    DeepSpeed registers an external parameter on the leaf. Measured on one H200 on one engine, alternating
+    cProfile). That host time is what the reference recipe's 16-clip pretraining step waits on. A leaf's
+    parameters are fixed once its engine is built (ZeRO-3 converts them at initialisation), so the list is kept,
+    and made again if DeepSpeed registers an external parameter on the leaf. On one H200, one engine, alternating
     blocks of steps: ViT-H/14 pretraining at 16 clips 0.1186 -> 0.1074 s/step (0.906x), ViT-B/16 finetuning
-    0.992x. Calls for other modules, or without recurse, go to DeepSpeed's function as before.
+    0.992x (docs/performance.md). Calls for other modules, or without recurse, go to DeepSpeed's function.
 
     Returns False, changing nothing, when this DeepSpeed has no such function in both modules.
     """
@@ -57,10 +56,11 @@ def list_leaf_parameters_once(enabled: bool = True) -> bool:
     original = getattr(current, "deepspeed_iter_params", current)
     if original is None or getattr(parameter_offload, "iter_params", None) is not current:
         return False
-    if not enabled or current is not original:  # off, or already on
-        partitioned_param_coordinator.iter_params = parameter_offload.iter_params = original if not enabled \
-            else current
+    if not enabled:
+        partitioned_param_coordinator.iter_params = parameter_offload.iter_params = original
         return True
+    if current is not original:
+        return True  # already on
 
     def iter_params(module: nn.Module, recurse: bool = False):
         if not (recurse and z3_leaf_module(module)):
