@@ -33,6 +33,11 @@ def layer_id(name: str, num_layers: int) -> int:
     return num_layers
 
 
+def layer_scale(layer_decay: float, layer: int, num_layers: int) -> float:
+    """MAE's layer-wise lr decay: layer_decay ** (num_layers - layer), 1 for the head and final norm."""
+    return layer_decay ** (num_layers - layer)
+
+
 def weight_decay_rule(model: nn.Module, bias_wd: bool = False) -> Callable[[str, nn.Parameter], bool]:
     """decays(name, param): norms, biases (unless bias_wd) and the model's token / position embeddings are not
     decayed; a packed block's two flat tensors (mae_st.engine.fused_params) say which they are by name."""
@@ -50,9 +55,9 @@ def weight_decay_rule(model: nn.Module, bias_wd: bool = False) -> Callable[[str,
 
 
 def layer_lr_scales(model: nn.Module, layer_decay: float) -> Dict[nn.Parameter, float]:
-    """Every trainable parameter's lr scale, layer_decay ** (num_layers - layer): 1 for the head and final norm."""
+    """Every trainable parameter's lr scale (`layer_scale` of its `layer_id`)."""
     num_layers = len(model.blocks) + 1
-    return {param: layer_decay ** (num_layers - layer_id(name, num_layers))
+    return {param: layer_scale(layer_decay, layer_id(name, num_layers), num_layers)
             for name, param in model.named_parameters() if param.requires_grad}
 
 
@@ -60,7 +65,7 @@ def build_param_groups(model: nn.Module, weight_decay: float, layer_decay: float
                        bias_wd: bool = False) -> List[Dict]:
     """AdamW param groups keyed by (layer, decays?), each with `weight_decay` and `lr_scale`.
 
-    lr_scale = layer_decay ** (num_layers - layer); with layer_decay 1 (pretraining) every scale is 1.
+    lr_scale = layer_scale(layer_decay, layer, num_layers); with layer_decay 1 (pretraining) every scale is 1.
     """
     num_layers = len(model.blocks) + 1
     decays_at = weight_decay_rule(model, bias_wd)
@@ -72,7 +77,7 @@ def build_param_groups(model: nn.Module, weight_decay: float, layer_decay: float
         layer = layer_id(name, num_layers) if layer_decay != 1.0 else num_layers
         group = groups.setdefault((layer, decays), {
             "params": [], "weight_decay": weight_decay if decays else 0.0,
-            "lr_scale": layer_decay ** (num_layers - layer),
+            "lr_scale": layer_scale(layer_decay, layer, num_layers),
         })
         group["params"].append(param)
     return [groups[key] for key in sorted(groups)]
