@@ -49,7 +49,7 @@ def _worker(rank, procs, threads, mode, folder, ipc, kind, ready, out, start, st
     from mae_st.data.clip_reader import DecodedSample
     from mae_st.data.clip_stream import decoder_factory
 
-    device = torch.device("cuda", 0) if kind != "pyav" else torch.device("cpu")
+    device = torch.device("cuda", 0) if kind == "nvdec" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     reader, results = start_reading(decoder_factory(kind, device), threads, mode,

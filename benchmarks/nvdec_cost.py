@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda", 0) if args.decoder != "pyav" else torch.device("cpu")
+    device = torch.device("cuda", 0) if args.decoder == "nvdec" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     plan = dataclasses.replace(QUICK if args.quick else Plan(), measure_seconds=args.seconds)
