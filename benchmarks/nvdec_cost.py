@@ -11,7 +11,8 @@ shorter GOPs no faster at stride 4 for 1.9-6.1x the bytes, so the packer's defau
     python benchmarks/nvdec_cost.py --decoder pyav --quick --work-dir /tmp/bn --out /tmp/cost --seconds 6   # CPU
 
 Uses bench_nvdec.py's footage under --work-dir (its data section films and packs it when missing) and packs the
-same originals again with `--gop G` for each G of --gops. Sections:
+same originals again with `--gop G` for each G of --gops and with `--codec C` for each C of --codecs but vp9 (NVDEC's
+cost per decoded frame may depend on the codec; sets named by codec, one-second GOP). Sections:
   calls   one decoder, one thread: ms per video in `open` (reconfigure), the library's frame call and the copy,
           for frame patterns (1 frame, 16 at stride 1/4/8, 64 at stride 1), on every set; with --decoder pyav
           also PyAV decoding from the start instead of seeking
@@ -59,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decoder", default="nvdec", choices=("nvdec", "pyav"))
     p.add_argument("--gops", default="30,8,4,2", help="keyframe intervals to pack and compare (30: the default set, "
                    "the packer's one-second GOP)")
+    p.add_argument("--codecs", default="vp9", help="codecs to pack the originals with and compare (vp9: the default "
+                   "set; h264, hevc: sets of those names)")
     p.add_argument("--sections", default="calls,gil,rates")
     p.add_argument("--seconds", type=float, default=5.0, help="per rate row")
     p.add_argument("--threads", default="1,4,8")
@@ -77,7 +80,8 @@ def main(argv=None) -> None:
     plan = dataclasses.replace(QUICK if args.quick else Plan(), measure_seconds=args.seconds)
     bench = Bench(argparse.Namespace(decoder=args.decoder, no_mixed=True, photos=None, sections="data"),
                   plan, device, out.resolve(), Path(args.work_dir).resolve())
-    report: Dict[str, list] = {"sets": pack_sets(bench, [int(g) for g in args.gops.split(",")])}
+    report: Dict[str, list] = {"sets": pack_sets(bench, [int(g) for g in args.gops.split(",")],
+                                                 [c for c in args.codecs.split(",") if c])}
     for section in args.sections.split(","):
         started = time.perf_counter()
         try:
@@ -93,22 +97,24 @@ def main(argv=None) -> None:
         (out / "nvdec_cost.json").write_text(json.dumps(report, indent=1))
 
 
-def pack_sets(bench: Bench, gops: Sequence[int]) -> List[dict]:
-    """bench_nvdec.py's default set, and its originals packed again with each keyframe interval but the default's."""
+def pack_sets(bench: Bench, gops: Sequence[int], codecs: Sequence[str] = ("vp9",)) -> List[dict]:
+    """bench_nvdec.py's default set, and its originals packed again with each keyframe interval but the default's
+    and with each codec but VP9 (the default's)."""
     from mae_st.data.packing import PackOptions, pack_videos
 
     rows = []
     bench.run_data([])
     raw = sorted(str(p) for p in (bench.work / "raw" / "default").iterdir())
-    for gop in gops:
-        name = "default" if gop == 30 else f"gop{gop}"
+    variants = [(gop, "vp9") for gop in gops] + [(30, codec) for codec in codecs if codec != "vp9"]
+    for gop, codec in variants:
+        name = codec if codec != "vp9" else "default" if gop == 30 else f"gop{gop}"
         folder = bench.work / "shards" / name
         started = time.perf_counter()
         if not (folder / "summary.json").is_file():
             pack_videos(PackOptions(out_dir=str(folder), data_dirs=raw, prefix="train", progress=False,
-                                    gop=None if gop == 30 else gop))
+                                    gop=None if gop == 30 else gop, codec=codec))
         bench.sets[name] = str(folder)
-        rows.append({"set": name, "gop": gop, "MB": round(sum(os.path.getsize(t) for t in list_shards(str(folder)).tars)
+        rows.append({"set": name, "codec": codec, "gop": gop, "MB": round(sum(os.path.getsize(t) for t in list_shards(str(folder)).tars)
                                                         / 1e6, 1), "pack s": round(time.perf_counter() - started, 1)})
     return rows
 

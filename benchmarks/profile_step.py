@@ -106,6 +106,10 @@ VARIANTS: Dict[str, Variant] = {
     "z3-walkleaves": Variant("z3 with DeepSpeed listing each leaf's parameters at every fetch and release (as "
                              "before 2026-12-01 fourth)", EngineOverrides(list_leaves_once=False)),
     "z3-persist": Variant("z3 with every parameter kept gathered", EngineOverrides(zero=PERSIST_ALL)),
+    "z3-nooverlap": Variant("z3 with overlap_comm off: ZeRO-3's gathers and reductions on the compute stream (one "
+                            "GPU has nothing to overlap)", EngineOverrides(zero={"overlap_comm": False})),
+    "z3-bigbucket": Variant("z3 with a 10x reduce bucket (5e8 elements): fewer gradient reductions a step",
+                            EngineOverrides(zero={"reduce_bucket_size": int(5e8)})),
     "z3-compile": Variant("z3 + torch.compile of every packed block's forward inside the leaf hooks",
                           EngineOverrides(), compile_blocks=True),
     "z3-deepcompile": Variant("ZeRO-3 + DeepSpeed DeepCompile (CUDA only; on Hopper set TORCH_CUDA_ARCH_LIST=9.0; "
@@ -201,6 +205,7 @@ def make_step(variant: Variant, cfg: JobConfig, env, lr: float):
             optimizer.zero_grad(set_to_none=True)
             return loss.detach()
 
+        eager_step.phases = {"forward": model, "step": optimizer}  # backward is in the rest (loss.backward())
         return eager_step, None, torch.float32
 
     built = build_engine(cfg, env, variant.engine, prepare=compile_blocks if variant.compile_blocks else None)
@@ -211,7 +216,12 @@ def make_step(variant: Variant, cfg: JobConfig, env, lr: float):
     trainer = Trainer(built.engine, cfg, env, built.loss_fn, RunLogger("", is_main=False, resumed=False), lr, 1,
                       StopSignal())
     state = TrainState()
-    return (lambda clips, targets: trainer._micro_step(clips, targets, state)), built.engine, built.dtype
+
+    def engine_step(clips, targets):
+        return trainer._micro_step(clips, targets, state)
+
+    engine_step.phases = {"forward": built.engine, "backward": built.engine, "step": built.engine}
+    return engine_step, built.engine, built.dtype
 
 
 def tear_down(engine) -> None:
@@ -326,6 +336,47 @@ def leaf_lists_ab(step, clips, targets, device, blocks: int, steps: int = 5) -> 
             "kept / walked": round(kept / walked, 3)}
 
 
+def phase_times(step, clips, targets, device, steps: int) -> dict:
+    """ms a step in each phase (forward, backward, optimizer step; `rest`: the remainder, eager's backward included),
+    timed twice: `host`, each call until it returns with its GPU work left queued, and `synced`, the GPU drained
+    before and after each call. A phase whose host time is about its synced time is host-bound: the GPU waits for
+    the Python that launches it. The phases are the owners' own methods (step.phases), wrapped for the window."""
+    row = {}
+    for synced in (False, True):
+        spent = {phase: 0.0 for phase in step.phases}
+
+        def timed(phase, call):
+            def wrapper(*args, **kwargs):
+                if synced:
+                    sync(device)
+                started = time.perf_counter()
+                try:
+                    return call(*args, **kwargs)
+                finally:
+                    if synced:
+                        sync(device)
+                    spent[phase] += time.perf_counter() - started
+            return wrapper
+
+        for phase, owner in step.phases.items():
+            setattr(owner, phase, timed(phase, getattr(owner, phase)))  # an instance attribute over the method
+        try:
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(steps):
+                step(clips, targets)
+            sync(device)
+            whole = time.perf_counter() - started
+        finally:
+            for phase, owner in step.phases.items():
+                delattr(owner, phase)
+        times = {phase: 1e3 * seconds / steps for phase, seconds in spent.items()}
+        times["rest"] = 1e3 * whole / steps - sum(times.values())
+        times["whole"] = 1e3 * whole / steps
+        row[f"{'synced' if synced else 'host'} ms/step"] = {k: round(v, 1) for k, v in times.items()}
+    return row
+
+
 def python_hot_spots(step, clips, targets, device, steps: int, top: int = 25) -> List[str]:
     """Where a host-bound step's Python time goes: cProfile over `steps` steps, functions by own time (ms/step)."""
     import cProfile
@@ -388,6 +439,8 @@ def measure(name: str, cfg: JobConfig, env, args, peak: float, flops: float) -> 
             row.update(profile_window(step, clips, targets, env.device, args.profile_steps))
         if args.leaf_lists_ab and VARIANTS[name].engine is not None:
             row.update(leaf_lists_ab(step, clips, targets, env.device, args.leaf_lists_ab))
+        if args.phase_steps:
+            row.update(phase_times(step, clips, targets, env.device, args.phase_steps))
         if args.python_profile_steps:
             row["python hot spots"] = python_hot_spots(step, clips, targets, env.device, args.python_profile_steps)
         del step
@@ -411,7 +464,8 @@ def measure_in_child(name: str, mode: str, model: str, clips: int, args, peak: f
         out = os.path.join(tmp, "row.json")
         passed = {"--mode": mode, "--model": model, "--clips": clips, "--variants": name, "--steps": args.steps,
                   "--warmup": args.warmup, "--profile_steps": args.profile_steps, "--lr": args.lr,
-                  "--python_profile_steps": args.python_profile_steps, "--leaf_lists_ab": args.leaf_lists_ab,
+                  "--python_profile_steps": args.python_profile_steps, "--phase_steps": args.phase_steps,
+                  "--leaf_lists_ab": args.leaf_lists_ab,
                   "--matmul_tflops": peak, "--out": out}
         command = [sys.executable, __file__] + [str(x) for kv in passed.items() for x in kv] + \
             (["--tiny"] if args.tiny else [])
@@ -456,6 +510,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--profile_steps", type=int, default=2, help="steps in the profiler window (0: none)")
     parser.add_argument("--python_profile_steps", type=int, default=0,
                         help="steps under cProfile after the timed ones: the Python functions a step spends on")
+    parser.add_argument("--phase_steps", type=int, default=0,
+                        help="steps timed by phase, on the host alone and synced (0: none); see phase_times")
     parser.add_argument("--leaf_lists_ab", type=int, default=0,
                         help="after the timed steps of a DeepSpeed variant, this many alternating blocks of 5 steps "
                              "with ZeRO-3 leaves' parameter lists kept and walked: medians of each")
