@@ -435,14 +435,16 @@ def measure(name: str, cfg: JobConfig, env, args, peak: float, flops: float) -> 
                "TFLOP/s": round(tflops, 1 if cuda else 4), "MFU %": round(100 * tflops / peak, 1),
                "peak GB": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
                "loss": round(loss, 5), "build s": round(build, 1), "first step s": round(first, 1)}
-        if args.profile_steps:
-            row.update(profile_window(step, clips, targets, env.device, args.profile_steps))
         if args.leaf_lists_ab and VARIANTS[name].engine is not None:
             row.update(leaf_lists_ab(step, clips, targets, env.device, args.leaf_lists_ab))
         if args.phase_steps:
             row.update(phase_times(step, clips, targets, env.device, args.phase_steps))
         if args.python_profile_steps:
             row["python hot spots"] = python_hot_spots(step, clips, targets, env.device, args.python_profile_steps)
+        # last: after a torch.profiler window with CUDA activity the steps of the same process ran slower (on an
+        # H200, z3 pretraining 0.115 s/step timed before it, 0.136-0.158 in an A/B after it)
+        if args.profile_steps:
+            row.update(profile_window(step, clips, targets, env.device, args.profile_steps))
         del step
     except Exception as err:  # noqa: BLE001 -- one variant's failure must not cost the others
         traceback.print_exc()
