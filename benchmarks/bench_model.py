@@ -35,7 +35,7 @@ class StepVariant:
     mode: str  # pretrain | finetune
     zero_stage: int
     grad_checkpointing: bool = False
-    compile_blocks: bool = False  # torch.compile each transformer block
+    compile_blocks: Optional[str] = None  # --compile_blocks; None: train.py's default (auto)
 
 
 VARIANTS = {
@@ -44,7 +44,7 @@ VARIANTS = {
     "pretrain-z0": StepVariant("pretrain", 0),
     "finetune-z3": StepVariant("finetune", 3),
     "finetune-z3-ckpt": StepVariant("finetune", 3, grad_checkpointing=True),
-    "pretrain-z0-compile": StepVariant("pretrain", 0, compile_blocks=True),
+    "pretrain-z0-nocompile": StepVariant("pretrain", 0, compile_blocks="off"),
 }
 MIN_VARIANT_SECONDS = 20  # building a ViT-H engine alone takes ~10 s
 
@@ -145,20 +145,15 @@ def measure_step(cfg: JobConfig, variant: StepVariant, env, sizes: Sizes, deadli
             "peak GB": peak_memory_gb(env.device), "dtype": str(dtype).replace("torch.", "")}
 
 
-def build_engine(cfg: JobConfig, env, compile_blocks: bool = False) -> Tuple[object, float, torch.dtype]:
+def build_engine(cfg: JobConfig, env, compile_blocks: Optional[str] = None) -> Tuple[object, float, torch.dtype]:
     """(DeepSpeed engine, training FLOPs per clip, input dtype), built by train.py's own builder."""
-    from mae_st.engine.build import build_engine as build_train_engine
+    from mae_st.engine.build import EngineOverrides, build_engine as build_train_engine
     from mae_st.models import build_model
 
     with torch.device("meta"):  # FLOPs from the plain model's sizes; nothing allocated
         flops_per_clip = train_flops_per_clip(build_model(cfg.model, cfg.data.img_size, cfg.data.num_frames))
 
-    def compile_each_block(model) -> None:  # packed blocks compute on views of their flat tensors: no rebinding
-        for stack in (model.blocks, getattr(model, "decoder_blocks", [])):
-            for block in stack:
-                block.compile()
-
-    built = build_train_engine(cfg, env, prepare=compile_each_block if compile_blocks else None)
+    built = build_train_engine(cfg, env, EngineOverrides(compile_blocks=compile_blocks))
     return built.engine, flops_per_clip, built.dtype
 
 

@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
@@ -66,7 +65,6 @@ from mae_st.engine.optim import build_optimizer  # noqa: E402
 from mae_st.engine.schedule import apply_lr  # noqa: E402
 from mae_st.engine.trainer import StopSignal, Trainer, TrainState, build_loss_fn  # noqa: E402
 from mae_st.models import build_model  # noqa: E402
-from mae_st.models.layers import Block, PackedBlock  # noqa: E402
 
 TORCH_LINEAR = F.linear  # before DeepSpeed's ZeRO-3 swaps in its own (see the module docstring)
 # every parameter kept gathered, so fetch/release find nothing to do (ViT-H in bf16 is 1.3 GB)
@@ -79,7 +77,7 @@ class Variant:
     doc: str
     engine: Optional[EngineOverrides] = None  # None: PyTorch alone
     packed: bool = False  # eager only: packed blocks (DeepSpeed variants follow their EngineOverrides)
-    compile_blocks: bool = False  # torch.compile each block's forward (DeepSpeed's hooks stay outside, eager)
+    compile_blocks: bool = False  # eager only: torch.compile each block's forward (engines: EngineOverrides)
     deepcompile: bool = False  # DeepSpeed's DeepCompile: engine.compile() (its engine needs compile.deepcompile)
     # a diagnostic, not a training setting: finetuning with one lr for every layer (2 param groups, not ~2 a block)
     layer_decay: Optional[float] = None
@@ -88,9 +86,12 @@ class Variant:
 VARIANTS: Dict[str, Variant] = {
     "eager": Variant("PyTorch alone: bf16 autocast over fp32 weights, fused AdamW, plain blocks"),
     "eager-packed": Variant("eager with packed blocks", packed=True),
-    "eager-compile": Variant("eager + torch.compile of every block's forward: the ceiling", compile_blocks=True),
-    "z3": Variant("train.py's engine: ZeRO-3 bf16, packed blocks, block-stack leaves, aligned views",
-                  EngineOverrides()),
+    "eager-compile": Variant("eager + torch.compile of every block's forward (what train.py's --compile_blocks "
+                             "does)", compile_blocks=True),
+    "z3": Variant("train.py's engine: ZeRO-3 bf16, packed blocks, block-stack leaves, aligned views, blocks "
+                  "compiled on a GPU (--compile_blocks auto)", EngineOverrides()),
+    "z3-nocompile": Variant("z3 with --compile_blocks off (what train.py ran before 2026-12-01 fifth)",
+                            EngineOverrides(compile_blocks="off")),
     "z3-unaligned": Variant("z3 with the parameter order used before 2026-12 (single-GPU views 8-byte aligned "
                             "for the MAE)", EngineOverrides(align_views=False)),
     "z3-autocast": Variant("z3 with DeepSpeed's torch_autocast (fp32 weights, bf16 autocast) instead of bf16",
@@ -110,11 +111,10 @@ VARIANTS: Dict[str, Variant] = {
                             "GPU has nothing to overlap)", EngineOverrides(zero={"overlap_comm": False})),
     "z3-bigbucket": Variant("z3 with a 10x reduce bucket (5e8 elements): fewer gradient reductions a step",
                             EngineOverrides(zero={"reduce_bucket_size": int(5e8)})),
-    "z3-compile": Variant("z3 + torch.compile of every packed block's forward inside the leaf hooks",
-                          EngineOverrides(), compile_blocks=True),
     "z3-deepcompile": Variant("ZeRO-3 + DeepSpeed DeepCompile (CUDA only; on Hopper set TORCH_CUDA_ARCH_LIST=9.0; "
                               "its first ViT-H step compiled for over 4 minutes on an H100)",
-                              EngineOverrides(ds={"compile": {"deepcompile": True}}), deepcompile=True),
+                              EngineOverrides(ds={"compile": {"deepcompile": True}}, compile_blocks="off"),
+                              deepcompile=True),
     "z3-layergroups": Variant("z3 with finetuning's layer-wise lr decay as one optimizer group per layer (torch "
                               "AdamW; shipped before 2026-12-01 later) instead of scales inside LayerScaledAdamW",
                               EngineOverrides(layer_groups=True)),
@@ -131,36 +131,6 @@ ISSUE16_SUITE = (("ViT-H/14 pretrain, 16 clips", "pretrain", "mae_vit_huge_patch
                  ("ViT-B/16 finetune, 16 clips", "finetune", "vit_base_patch16", 16),
                  ("ViT-H/14 pretrain, 64 clips", "pretrain", "mae_vit_huge_patch14", 64))
 TINY_MODELS = {"pretrain": "mae_vit_tiny_patch8", "finetune": "vit_tiny_patch8"}
-
-
-# Drop path that compiles once ------------------------------------------------------------------------------------
-# timm's DropPath keeps its rate as a Python float, which torch.compile specialises on: the finetuning model's
-# 32 blocks (rates 0 .. 0.2) would each recompile, past dynamo's recompile limit (8), after which the remaining
-# blocks silently run eager. Compile variants swap in this equivalent one (a per-sample keep mask scaled by
-# 1/keep, as timm's scale_by_keep) with the rate in a buffer, so every block shares one graph.
-
-class BufferedDropPath(nn.Module):
-    def __init__(self, drop_prob: float, device: torch.device):
-        super().__init__()
-        self.register_buffer("keep_prob", torch.tensor(1.0 - drop_prob, device=device), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return x
-        keep = self.keep_prob.float()
-        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep
-        return x * (mask.to(x.dtype) / keep.to(x.dtype))
-
-
-def compile_blocks(model: nn.Module) -> None:
-    """torch.compile each block's forward alone: DeepSpeed's module hooks, outside it, stay eager."""
-    blocks = [m for m in model.modules() if isinstance(m, (Block, PackedBlock))]
-    device = next(model.parameters()).device
-    if any(not isinstance(block.drop_path, nn.Identity) for block in blocks):
-        for block in blocks:
-            block.drop_path = BufferedDropPath(getattr(block.drop_path, "drop_prob", 0.0), device)
-    for block in blocks:
-        block.forward = torch.compile(block.forward)
 
 
 # Configs and steps -----------------------------------------------------------------------------------------------
@@ -191,9 +161,8 @@ def make_step(variant: Variant, cfg: JobConfig, env, lr: float):
         raise RuntimeError("DeepCompile needs CUDA: DeepSpeed JIT-builds its 'dc' op against CUDA and NCCL")
     loss_fn = build_loss_fn(cfg.run.mode, cfg.data.smoothing)
     if variant.engine is None:
-        model = build_train_model(cfg, env, EngineOverrides(fuse_block_params=variant.packed))
-        if variant.compile_blocks:
-            compile_blocks(model)
+        model = build_train_model(cfg, env, EngineOverrides(fuse_block_params=variant.packed,
+                                                            compile_blocks="on" if variant.compile_blocks else "off"))
         optimizer = build_optimizer(model, cfg.optim, cfg.run.mode == "finetune", env.device)
         apply_lr(optimizer, lr)
 
@@ -208,7 +177,7 @@ def make_step(variant: Variant, cfg: JobConfig, env, lr: float):
         eager_step.phases = {"forward": model, "step": optimizer}  # backward is in the rest (loss.backward())
         return eager_step, None, torch.float32
 
-    built = build_engine(cfg, env, variant.engine, prepare=compile_blocks if variant.compile_blocks else None)
+    built = build_engine(cfg, env, variant.engine)
     apply_lr(built.engine.optimizer, lr)
     if variant.deepcompile:
         built.engine.compile()

@@ -119,6 +119,9 @@ class OptimConfig:
     accum_iter: int = 1
 
 
+COMPILE_BLOCKS = ("auto", "on", "off")  # RunConfig.compile_blocks
+
+
 @dataclass
 class RunConfig:
     """Everything about the run itself: mode, outputs, checkpoints, engine."""
@@ -148,6 +151,10 @@ class RunConfig:
     # threads beside it otherwise keep it waiting up to 5 ms at a time (ViT-B/16 finetuning with 4 decoder threads
     # on an H200: data wait 1.7 % against 3.0 %, clips/s a few % higher; docs/performance.md)
     gil_switch_interval_ms: float = 0.5
+    # torch.compile of each transformer block's forward (mae_st/models/compile.py): "auto" on CUDA GPUs, where it
+    # took the ViT-H/14 16-clip pretraining step on an H200 from 0.95x to 1.04x eager PyTorch (docs/performance.md),
+    # not on CPUs, where compiling only adds start-up time; "on" / "off" force it
+    compile_blocks: str = "auto"
 
 
 @dataclass
@@ -357,6 +364,8 @@ def _add_run_flags(r) -> None:
            "before the run stops with an error")
     _value(r, "--local_rank", "run.local_rank", int, "the process's GPU on its node; the DeepSpeed launcher passes "
            "it, never needed by hand")
+    _value(r, "--compile_blocks", "run.compile_blocks", str, "torch.compile each transformer block's forward: auto "
+           "(on CUDA GPUs), on, off; the first steps take seconds longer while it compiles", choices=COMPILE_BLOCKS)
     _switch(r, "fuse_block_params", "run.fuse_block_params", "pack each transformer block's parameters into two "
             "flat tensors inside the engine (fewer tensors for DeepSpeed); exports keep the usual names")
     _flag(r, "--eval", "run.eval_only", True, "only evaluate (--finetune weights or --resume checkpoint) on "
@@ -434,6 +443,8 @@ def validate_job_config(cfg: JobConfig) -> None:
         raise ConfigError(f"--flip_prob {data.flip_prob}: must be in [0, 1]")
     if not 0.0 <= data.max_bad_sample_fraction <= 1.0:
         raise ConfigError(f"--max_bad_sample_fraction {data.max_bad_sample_fraction}: must be in [0, 1]")
+    if run.compile_blocks not in COMPILE_BLOCKS:
+        raise ConfigError(f"--compile_blocks {run.compile_blocks!r}: one of {', '.join(COMPILE_BLOCKS)}")
     if run.gil_switch_interval_ms <= 0:
         raise ConfigError(f"--gil_switch_interval_ms {run.gil_switch_interval_ms}: must be > 0")
     if data.augment_ahead < 0:

@@ -66,6 +66,7 @@ def test_finetune_mode_defaults_and_cls_token():
     (PRETRAIN + ["--augment_ahead", "-1"], "--augment_ahead -1"),
     (PRETRAIN + ["--decoder_threads", "0"], "--decoder_threads 0"),
     (PRETRAIN + ["--gil_switch_interval_ms", "0"], "--gil_switch_interval_ms 0"),
+    (PRETRAIN + ["--compile_blocks", "yes"], "--compile_blocks"),
     (PRETRAIN + ["--pipeline_segment_batches", "0"], "--pipeline_segment_batches 0"),
     (PRETRAIN + ["--max_bad_sample_fraction", "1.5"], "--max_bad_sample_fraction 1.5"),
     (PRETRAIN + ["--decoder", "ffmpeg"], "--decoder"),
@@ -215,16 +216,20 @@ def test_profile_step_suite_runs_end_to_end_on_tiny_models(tmp_path):
 def test_profile_step_isolate_measures_each_variant_in_its_own_process(tmp_path):
     """--isolate (what host-bound GPU configurations need: a variant slows the ones after it in one process) runs
     each variant in a child and gathers its row: the same weights and masks give the same loss as in one process,
-    the cProfile table shows DeepSpeed's Python in the ZeRO-3 step, and the leaf-list A/B runs on the engine."""
+    the cProfile table shows DeepSpeed's Python in the ZeRO-3 step, the leaf-list A/B runs on the engine, and the
+    phases are timed."""
     common = ("--tiny", "--mode", "pretrain", "--clips", "2", "--variants", "eager,z3", "--steps", "1", "--warmup",
               "1", "--profile_steps", "0")
     isolated = run_benchmark(tmp_path / "isolated", "profile_step", *common, "--isolate", "--python_profile_steps", "1",
-                             "--leaf_lists_ab", "2")
+                             "--leaf_lists_ab", "2", "--phase_steps", "1")
     together = run_benchmark(tmp_path / "together", "profile_step", *common)
     assert isolated["isolated"] and not together["isolated"]
     rows = {row["variant"]: row for row in isolated["configs"][0]["rows"]}
     assert set(rows) == {"eager", "z3"} and rows["z3"]["x eager"] > 0
     assert rows["z3"]["kept / walked"] > 0 and "kept / walked" not in rows["eager"]  # the A/B runs on engines only
+    phases = {name: row["host ms/step"] for name, row in rows.items()}  # forward / backward / step, and the rest
+    assert set(phases["z3"]) == {"forward", "backward", "step", "rest", "whole"} and "backward" not in phases["eager"]
+    assert all(phases[name]["forward"] > 0 and rows[name]["synced ms/step"]["whole"] > 0 for name in rows)
     for row in together["configs"][0]["rows"]:
         assert rows[row["variant"]]["loss"] == pytest.approx(row["loss"], rel=1e-6), row["variant"]
     deepspeed_files = ("nvtx.py", "stage3.py", "partitioned_param_coordinator.py", "parameter_offload.py",

@@ -26,6 +26,7 @@ from mae_st.engine.trainer import LossFn, build_loss_fn
 from mae_st.engine.zero import (bind_lr_scales_to_partitions, gather_block_stacks_under_zero3,
                                 list_leaf_parameters_once, order_for_aligned_views)
 from mae_st.models import build_model
+from mae_st.models.compile import compile_blocks
 from mae_st.models.layers import Block, PackedBlock
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class EngineOverrides:
 
     zero_stage: Optional[int] = None  # None: --zero_stage or the JSON's
     fuse_block_params: Optional[bool] = None  # None: RunConfig.fuse_block_params (--no_fuse_block_params)
+    compile_blocks: Optional[str] = None  # None: RunConfig.compile_blocks (--compile_blocks auto|on|off)
     # ZeRO-3 leaf modules, gathered whole: "stack" each block stack (train.py), "block" each transformer block,
     # "none" DeepSpeed's own per-layer gathers
     leaves: str = "stack"
@@ -74,8 +76,14 @@ def effective_config(cfg: JobConfig, overrides: EngineOverrides) -> JobConfig:
     run = cfg.run
     run = dataclasses.replace(
         run, zero_stage=run.zero_stage if overrides.zero_stage is None else overrides.zero_stage,
-        fuse_block_params=run.fuse_block_params if overrides.fuse_block_params is None else overrides.fuse_block_params)
+        fuse_block_params=run.fuse_block_params if overrides.fuse_block_params is None else overrides.fuse_block_params,
+        compile_blocks=run.compile_blocks if overrides.compile_blocks is None else overrides.compile_blocks)
     return dataclasses.replace(cfg, run=run)
+
+
+def compiles_blocks(setting: str, env: DistEnv) -> bool:
+    """RunConfig.compile_blocks for this process: "auto" compiles on a CUDA GPU only."""
+    return setting == "on" or (setting == "auto" and env.on_gpu)
 
 
 def build_ds_config(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = EngineOverrides()) -> Dict[str, Any]:
@@ -99,7 +107,8 @@ def build_ds_config(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = E
 def build_train_model(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = EngineOverrides(),
                       load_weights: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
     """The model as the engine gets it: seeded init on the rank's device, `load_weights` (pretrained weights)
-    applied, blocks packed unless turned off."""
+    applied, blocks packed unless turned off, then each block's forward compiled where RunConfig.compile_blocks
+    says so."""
     cfg = effective_config(cfg, overrides)
     seed_model_init(cfg.run.seed)
     with torch.device(env.device):  # initialising ViT-H on the GPU takes seconds, on the CPU minutes
@@ -109,22 +118,21 @@ def build_train_model(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides =
     if cfg.run.fuse_block_params:
         packed = fuse_block_parameters(model, weight_decay_rule(model, cfg.optim.bias_wd))
         log.info("packed the parameters of %d transformer blocks into 2 tensors each", packed)
+    if compiles_blocks(cfg.run.compile_blocks, env):
+        log.info("compiling the forward of %d transformer blocks (torch.compile, one shared graph; "
+                 "--compile_blocks off turns it off)", compile_blocks(model))
     return model
 
 
 def build_engine(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = EngineOverrides(),
-                 load_weights: Optional[Callable[[nn.Module], None]] = None,
-                 prepare: Optional[Callable[[nn.Module], None]] = None) -> BuiltEngine:
-    """Model, optimizer and DeepSpeed engine for `cfg` on this rank. `prepare(model)` runs just before the
-    optimizer is built (benchmarks compile blocks there); train.py passes none."""
+                 load_weights: Optional[Callable[[nn.Module], None]] = None) -> BuiltEngine:
+    """Model, optimizer and DeepSpeed engine for `cfg` on this rank."""
     ds_config = build_ds_config(cfg, env, overrides)
     dtype = torch.bfloat16 if uses_bf16(ds_config) else torch.float32
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     log.info("precision: %s%s on %s, world size %d, ZeRO stage %d", dtype,
              " (torch_autocast bf16)" if overrides.torch_autocast else "", env.device, env.world_size, stage)
     model = build_train_model(cfg, env, overrides, load_weights)
-    if prepare is not None:
-        prepare(model)
     cfg = effective_config(cfg, overrides)
     optimizer = build_optimizer(model, cfg.optim, cfg.run.mode == "finetune", env.device,
                                 scales_in_optimizer=stage == 3 and not overrides.layer_groups)
