@@ -4,6 +4,7 @@ math as the eager blocks, the usual state-dict names, and the engine builder com
 from __future__ import annotations
 
 import copy
+import socket
 
 import pytest
 import torch
@@ -61,11 +62,19 @@ def test_drop_paths_become_one_buffered_kind_that_keeps_the_expectation():
     assert torch.equal(last(x), x)
 
 
-def test_the_engine_builder_compiles_where_the_flag_says_and_trains_the_same():
+def test_the_engine_builder_compiles_where_the_flag_says_and_trains_the_same(monkeypatch):
     """--compile_blocks: auto compiles on a GPU only; 'on' on this CPU gives real ZeRO-3 steps with the losses of
     the uncompiled engine."""
     from benchmarks.gemm_alignment import start_one_rank_world
 
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # a world of one whose variables go when the test ends: later subprocesses (the demo's train.py) must not
+    # inherit this process's port
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
     assert compiles_blocks("auto", DistEnv(0, 1, 0, torch.device("cuda", 0)))
     assert not compiles_blocks("auto", DistEnv(0, 1, 0, torch.device("cpu")))
     assert compiles_blocks("on", DistEnv(0, 1, 0, torch.device("cpu")))
