@@ -166,14 +166,17 @@ def engine_rows(env, profile_steps: int = 2) -> List[dict]:
 
 def actual_weight_offsets(model, buffer: torch.Tensor) -> Dict[str, int]:
     """Element offsets from `buffer`'s start of every parameter as the model sees it now (Block names for packed
-    blocks, read off the views their forward uses)."""
-    from mae_st.models.layers import PackedBlock
+    blocks and stacks, read off the views their forward uses)."""
+    from mae_st.models.layers import BlockStack, PackedBlock
 
     size, base = buffer.element_size(), buffer.data_ptr()
     offsets = {name: (p.data_ptr() - base) // size for name, p in model.named_parameters()}
+    handed = {}  # the flat tensors a packed stack hands each of its blocks
+    for stack in (m for m in model.modules() if isinstance(m, BlockStack)):
+        handed.update({id(block): flats for block, flats in zip(stack, stack.block_views())})
     for name, module in model.named_modules():
         if isinstance(module, PackedBlock):
-            for key, view in module.weights().items():
+            for key, view in module.weights(handed.get(id(module))).items():
                 offsets[f"{name}.{key}"] = (view.data_ptr() - base) // size
     return offsets
 

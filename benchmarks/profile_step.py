@@ -88,10 +88,12 @@ VARIANTS: Dict[str, Variant] = {
     "eager-packed": Variant("eager with packed blocks", packed=True),
     "eager-compile": Variant("eager + torch.compile of every block's forward (what train.py's --compile_blocks "
                              "does)", compile_blocks=True),
-    "z3": Variant("train.py's engine: ZeRO-3 bf16, packed blocks, block-stack leaves, aligned views, blocks "
+    "z3": Variant("train.py's engine: ZeRO-3 bf16, packed block stacks, block-stack leaves, aligned views, blocks "
                   "compiled on a GPU (--compile_blocks auto)", EngineOverrides()),
     "z3-nocompile": Variant("z3 with --compile_blocks off (what train.py ran before 2026-12-01 fifth)",
                             EngineOverrides(compile_blocks="off")),
+    "z3-blockpack": Variant("z3 with two flat tensors a block instead of a block stack (before 2026-12-01 fifth)",
+                            EngineOverrides(pack_stacks=False)),
     "z3-unaligned": Variant("z3 with the parameter order used before 2026-12 (single-GPU views 8-byte aligned "
                             "for the MAE)", EngineOverrides(align_views=False)),
     "z3-autocast": Variant("z3 with DeepSpeed's torch_autocast (fp32 weights, bf16 autocast) instead of bf16",

@@ -266,6 +266,38 @@ def test_layer_scaled_adamw_is_adamw_with_a_group_per_layer():
     assert not all(torch.equal(a, b) for a, b in zip(reference.parameters(), unscaled.parameters()))
 
 
+def test_layer_scaled_adamw_scales_each_block_of_a_packed_stack_at_its_depth():
+    """A packed stack's flat tensors hold every block: their lr scales are ranges, one per block, and the updates
+    are those of one torch AdamW group per layer on the plain model."""
+    from mae_st.engine.fused_params import fuse_block_parameters, pack_block_stacks, to_block_names
+    from mae_st.engine.optim import weight_decay_rule
+
+    torch.manual_seed(0)
+    reference = create_model("vit_tiny_patch8", img_size=32, num_frames=4, num_classes=5).eval()
+    stacked = copy.deepcopy(reference)
+    fuse_block_parameters(stacked, weight_decay_rule(stacked))
+    pack_block_stacks(stacked)
+    scales = layer_lr_scales(stacked, 0.75)
+    ranges = scales[stacked.blocks.fused_decay]
+    assert [scale for _, _, scale in ranges] == [0.75 ** 2, 0.75]  # blocks 0 and 1 of two: layers 1 and 2 of 3
+    _train_a_few_steps(reference, torch.optim.AdamW(build_param_groups(reference, 0.05, 0.75), fused=True))
+    _train_a_few_steps(stacked, LayerScaledAdamW(build_param_groups(stacked, 0.05), scales))
+    got = to_block_names(stacked, {name: p.detach() for name, p in stacked.named_parameters()})
+    for name, want in reference.named_parameters():
+        torch.testing.assert_close(got[name], want.detach(), rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_partition_gets_the_scale_ranges_of_its_stretch_of_the_parameter():
+    """ZeRO-3 gives rank r elements [r * n, (r + 1) * n) of each parameter; its scale ranges are cut to that
+    stretch and moved to where the partition sits in the flat buffer; padding past the end is in none."""
+    from mae_st.engine.zero import partition_scale_ranges
+
+    ranges = [(0, 6, 0.5), (6, 4, 0.25)]  # a 10-element parameter over 3 ranks: partitions of 4
+    assert partition_scale_ranges(ranges, 0, 4, at=100) == [(100, 4, 0.5)]
+    assert partition_scale_ranges(ranges, 4, 4, at=100) == [(100, 2, 0.5), (102, 2, 0.25)]
+    assert partition_scale_ranges(ranges, 8, 4, at=0) == [(0, 2, 0.25)]
+
+
 def test_a_flat_tensor_bound_by_ranges_updates_like_its_parts():
     """What ZeRO-3 hands the optimizer: several parameters back to back in one flat tensor, with padding."""
     torch.manual_seed(0)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from mae_st.config import ConfigError, JobConfig
 from mae_st.config import ModelConfig
 from mae_st.engine.checkpoint import COMPLETE_MARKER, PARAM_LAYOUT, PARAM_LAYOUT_KEY, check_resume_layout
-from mae_st.engine.fused_params import FUSED_DECAY, FUSED_NO_DECAY, fuse_block_parameters, to_block_names
+from mae_st.engine.fused_params import (FUSED_DECAY, FUSED_NO_DECAY, fuse_block_parameters, pack_block_stacks,
+                                        to_block_names)
 from mae_st.engine.optim import build_param_groups, weight_decay_rule
 from mae_st.engine.zero import (byte_alignment, gathered_weight_offsets, linear_weight_names,
                                 list_leaf_parameters_once, order_for_aligned_views)
@@ -101,6 +102,68 @@ def test_a_plain_model_loads_the_flat_tensors_of_a_deepspeed_checkpoint(bias_wd,
         create_model("mae_vit_tiny_patch8", **TINY_MAE).load_state_dict(consolidated)
 
 
+def stacked_copy(model):
+    packed = packed_copy(model)
+    assert pack_block_stacks(packed) == 1 + hasattr(model, "decoder_blocks")
+    return packed
+
+
+@pytest.mark.parametrize("family", ["mae", "classifier"])
+def test_packed_stacks_compute_the_same_loss_and_gradients(family):
+    """A stack holding its packed blocks' flat tensors (what the ZeRO-3 engine trains): 2 tensors a stack, the same
+    loss and gradients as the plain model, the usual names out of state_dict()."""
+    torch.manual_seed(0)
+    if family == "mae":
+        model = create_model("mae_vit_tiny_patch8", **{**TINY_MAE, "decoder_depth": 2})
+    else:
+        model = create_model("vit_tiny_patch8", img_size=32, num_frames=4, num_classes=3, drop_path_rate=0.3,
+                             grad_checkpointing=True)
+    stacked = stacked_copy(model)
+    assert [n for n, _ in stacked.blocks.named_parameters()] == [FUSED_DECAY, FUSED_NO_DECAY]
+    assert not list(stacked.blocks[0].parameters())  # the blocks own none
+    assert list(stacked.state_dict()) == list(model.state_dict())
+
+    clips = torch.randn(2, 3, 4, 32, 32)
+    losses = []
+    for m in (model, stacked):
+        torch.manual_seed(1)
+        out = m(clips)
+        loss = out[0] if family == "mae" else F.cross_entropy(out, torch.tensor([0, 2]))
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == losses[1]
+    expected, got = grads_by_name(model), to_block_names(stacked, grads_by_name(stacked))
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_packed_stack_loads_every_earlier_form_and_a_plain_model_loads_its_flat_tensors():
+    """Into a packed stack: the Block names (exports, the original's checkpoints) and each block's own flat tensors
+    (a consolidated checkpoint packed per block). Into a plain model: the stack's flat tensors (zero_to_fp32 of
+    this engine's checkpoints). Every value lands where it was."""
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_patch8", **TINY_MAE)
+    want = model.state_dict()
+    per_block = {name: p.detach() for name, p in packed_copy(model).named_parameters()}
+    stack_flats = {name: p.detach() for name, p in stacked_copy(model).named_parameters()}
+    assert "blocks.0.fused_decay" in per_block and "blocks.fused_decay" in stack_flats
+    outside_blocks = {k: v for k, v in want.items() if not k.startswith(("blocks.", "decoder_blocks."))}
+    for source in (want, per_block):
+        target = stacked_copy(create_model("mae_vit_tiny_patch8", **TINY_MAE))
+        target.load_state_dict({**outside_blocks, **source})
+        for name, value in target.state_dict().items():
+            assert torch.equal(value, want[name]), name
+    plain = create_model("mae_vit_tiny_patch8", **TINY_MAE)
+    plain.load_state_dict({**outside_blocks, **stack_flats})
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, want[name]), name
+    wrong = dict(want)
+    wrong["blocks.1.mlp.fc1.weight"] = torch.zeros(3, 3)
+    with pytest.raises(RuntimeError, match="size mismatch for blocks.1.mlp.fc1.weight"):
+        stacked_copy(create_model("mae_vit_tiny_patch8", **TINY_MAE)).load_state_dict(wrong)
+
+
 def test_views_start_aligned_and_padding_stays_zero():
     model = create_model("mae_vit_tiny_patch8", **TINY_MAE)  # 64- and 32-wide: biases and norms need padding
     packed = packed_copy(model)
@@ -137,11 +200,13 @@ def test_single_gpu_zero3_views_of_vit_h_start_256_byte_aligned(mode):
     before = alignments(model, align_views=False)
     packed = copy.deepcopy(model)
     fuse_block_parameters(packed, weight_decay_rule(packed))
-    after = alignments(packed, align_views=True)
+    stacked = copy.deepcopy(packed)
+    pack_block_stacks(stacked)
     # each block's q, k, v, proj, fc1, fc2, then decoder_embed and decoder_pred, or the head
     linear_layers = 6 * 36 + 2 if mode == "pretrain" else 6 * 32 + 1
-    assert set(after) == set(before) and len(after) == linear_layers
-    assert all(alignment == 256 for alignment in after.values()), {k: v for k, v in after.items() if v < 256}
+    for after in (alignments(packed, align_views=True), alignments(stacked, align_views=True)):
+        assert set(after) == set(before) and len(after) == linear_layers
+        assert all(alignment == 256 for alignment in after.values()), {k: v for k, v in after.items() if v < 256}
     if mode == "pretrain":
         assert before["blocks.0.attn.q.weight"] == 8
 
@@ -203,20 +268,18 @@ def test_resume_refuses_a_checkpoint_of_another_layout(tmp_path):
         check_resume_layout(tmp_path / "older", cfg)
 
 
-def test_a_finetuning_checkpoint_with_per_layer_optimizer_groups_is_refused(tmp_path):
-    """Layout 2 finetuning checkpoints hold one ZeRO-3 optimizer partition per layer; today's engine has two. A
-    pretraining checkpoint of layout 2 has the two groups it has now, and still resumes."""
+def test_checkpoints_of_earlier_engine_layouts_are_refused(tmp_path):
+    """Layout 2 finetuning checkpoints hold one ZeRO-3 optimizer partition per layer, layout 3 ones two tensors a
+    block; today's ZeRO-3 engine holds two a block stack, so neither resumes, in either mode."""
     for mode, model in (("pretrain", "mae_vit_tiny_patch8"), ("finetune", "vit_tiny_patch8")):
         cfg = JobConfig()
         cfg.run.mode, cfg.model.name = mode, model
-        folder = tmp_path / mode
-        write_checkpoint_config(folder, cfg)
-        marker = json.loads((folder / COMPLETE_MARKER).read_text())
-        (folder / COMPLETE_MARKER).write_text(json.dumps({**marker, PARAM_LAYOUT_KEY: 2}))
-        if mode == "pretrain":
-            check_resume_layout(folder, cfg)
-        else:
-            with pytest.raises(ConfigError, match=f"parameter layout 2 .checkpoint. vs {PARAM_LAYOUT} .now"):
+        for layout in (2, 3):
+            folder = tmp_path / f"{mode}{layout}"
+            write_checkpoint_config(folder, cfg)
+            marker = json.loads((folder / COMPLETE_MARKER).read_text())
+            (folder / COMPLETE_MARKER).write_text(json.dumps({**marker, PARAM_LAYOUT_KEY: layout}))
+            with pytest.raises(ConfigError, match=f"parameter layout {layout} .checkpoint. vs {PARAM_LAYOUT} .now"):
                 check_resume_layout(folder, cfg)
 
 

@@ -20,7 +20,7 @@ from deepspeed.utils import set_z3_leaf_modules
 from mae_st.config import JobConfig
 from mae_st.engine.distributed import DistEnv, seed_model_init
 from mae_st.engine.ds_config import default_ds_config_path, fill_ds_config, load_ds_config, uses_bf16
-from mae_st.engine.fused_params import fuse_block_parameters
+from mae_st.engine.fused_params import fuse_block_parameters, pack_block_stacks
 from mae_st.engine.optim import LayerScaledAdamW, build_optimizer, weight_decay_rule
 from mae_st.engine.trainer import LossFn, build_loss_fn
 from mae_st.engine.zero import (bind_lr_scales_to_partitions, gather_block_stacks_under_zero3,
@@ -56,6 +56,9 @@ class EngineOverrides:
     layer_groups: bool = False
     # ZeRO-3 leaves' parameter lists kept instead of walked at every fetch (mae_st.engine.zero; the process's setting)
     list_leaves_once: bool = True
+    # under ZeRO-3, each block stack's packed blocks in two tensors of the stack (False: two tensors a block, as
+    # before 2026-12-01 fifth)
+    pack_stacks: bool = True
 
     def __post_init__(self) -> None:
         if self.leaves not in LEAVES:
@@ -105,10 +108,11 @@ def build_ds_config(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = E
 
 
 def build_train_model(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = EngineOverrides(),
-                      load_weights: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
+                      load_weights: Optional[Callable[[nn.Module], None]] = None,
+                      pack_stacks: bool = False) -> nn.Module:
     """The model as the engine gets it: seeded init on the rank's device, `load_weights` (pretrained weights)
-    applied, blocks packed unless turned off, then each block's forward compiled where RunConfig.compile_blocks
-    says so."""
+    applied, blocks packed unless turned off (with `pack_stacks`, each block stack's blocks into two tensors of
+    the stack), then each block's forward compiled where RunConfig.compile_blocks says so."""
     cfg = effective_config(cfg, overrides)
     seed_model_init(cfg.run.seed)
     with torch.device(env.device):  # initialising ViT-H on the GPU takes seconds, on the CPU minutes
@@ -118,6 +122,8 @@ def build_train_model(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides =
     if cfg.run.fuse_block_params:
         packed = fuse_block_parameters(model, weight_decay_rule(model, cfg.optim.bias_wd))
         log.info("packed the parameters of %d transformer blocks into 2 tensors each", packed)
+        if pack_stacks:
+            log.info("packed the blocks of %d block stacks into 2 tensors each", pack_block_stacks(model))
     if compiles_blocks(cfg.run.compile_blocks, env):
         log.info("compiling the forward of %d transformer blocks (torch.compile, one shared graph; "
                  "--compile_blocks off turns it off)", compile_blocks(model))
@@ -132,7 +138,10 @@ def build_engine(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = Engi
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     log.info("precision: %s%s on %s, world size %d, ZeRO stage %d", dtype,
              " (torch_autocast bf16)" if overrides.torch_autocast else "", env.device, env.world_size, stage)
-    model = build_train_model(cfg, env, overrides, load_weights)
+    # under ZeRO-3 with layer-wise decay as scales (LayerScaledAdamW can scale ranges of one tensor); the other
+    # stages put each layer in its own optimizer group, which needs a tensor per block
+    model = build_train_model(cfg, env, overrides, load_weights,
+                              pack_stacks=stage == 3 and not overrides.layer_groups and overrides.pack_stacks)
     cfg = effective_config(cfg, overrides)
     optimizer = build_optimizer(model, cfg.optim, cfg.run.mode == "finetune", env.device,
                                 scales_in_optimizer=stage == 3 and not overrides.layer_groups)

@@ -47,9 +47,10 @@ _LAYOUT = {
 # (mae_st.engine.zero.order_for_aligned_views), so DeepSpeed's flat optimizer state of layout 1 does not fit.
 # 3 (2026-12, later) keeps finetuning's layer-wise lr decay inside the optimizer (mae_st.engine.optim.LayerScaledAdamW)
 # with one group per weight-decay setting instead of one per layer; pretraining's groups did not change, so a
-# pretraining checkpoint of layout 2 still fits.
-PARAM_LAYOUT = 3
-FITTING_LAYOUTS = {"pretrain": {2, PARAM_LAYOUT}, "finetune": {PARAM_LAYOUT}}
+# pretraining checkpoint of layout 2 still fits. 4 (2026-12-01, fifth) packs each block stack's packed blocks into
+# two tensors of the stack under ZeRO-3 (mae_st.models.layers.pack_block_stack): 2 tensors a stack, not a block.
+PARAM_LAYOUT = 4
+FITTING_LAYOUTS = {"pretrain": {PARAM_LAYOUT}, "finetune": {PARAM_LAYOUT}}
 PARAM_LAYOUT_KEY = "param_layout"
 
 

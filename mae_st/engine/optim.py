@@ -11,13 +11,18 @@ H200 the ViT-H/14 finetuning step without per-layer groups ran at 31.6 clips/s a
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from mae_st.config import OptimConfig
 from mae_st.engine.fused_params import FUSED_DECAY, FUSED_NO_DECAY
+from mae_st.models.layers import BlockStack
+
+# a parameter's lr scale: one number, or (offset, numel, scale) element ranges covering it (a packed stack's flat
+# tensor holds every block of the stack, each at its own depth)
+LrScale = Union[float, Tuple[Tuple[int, int, float], ...]]
 
 # parameters before the first block: they share the embedding "layer 0" of layer-wise decay
 EMBEDDING_PREFIXES = ("cls_token", "mask_token", "patch_embed", "pos_embed")
@@ -54,11 +59,30 @@ def weight_decay_rule(model: nn.Module, bias_wd: bool = False) -> Callable[[str,
     return decays
 
 
-def layer_lr_scales(model: nn.Module, layer_decay: float) -> Dict[nn.Parameter, float]:
-    """Every trainable parameter's lr scale (`layer_scale` of its `layer_id`)."""
+def layer_lr_scales(model: nn.Module, layer_decay: float) -> Dict[nn.Parameter, LrScale]:
+    """Every trainable parameter's lr scale (`layer_scale` of its `layer_id`); a packed stack's flat tensors get
+    one range per block, at the block's depth."""
     num_layers = len(model.blocks) + 1
-    return {param: layer_scale(layer_decay, layer_id(name, num_layers), num_layers)
-            for name, param in model.named_parameters() if param.requires_grad}
+
+    def scale(name: str) -> float:
+        return layer_scale(layer_decay, layer_id(name, num_layers), num_layers)
+
+    stacks = {name: m for name, m in model.named_modules() if isinstance(m, BlockStack) and m.block_numels}
+    scales: Dict[nn.Parameter, LrScale] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        stack_name, _, flat = name.rpartition(".")
+        stack = stacks.get(stack_name)
+        if stack is None:
+            scales[param] = scale(name)
+            continue
+        ranges, offset = [], 0
+        for i, numel in enumerate(stack.block_numels[flat]):
+            ranges.append((offset, numel, scale(f"{stack_name}.{i}.{flat}")))
+            offset += numel
+        scales[param] = tuple(ranges)
+    return scales
 
 
 def build_param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
@@ -101,22 +125,26 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, finetune: bool, device: 
 class LayerScaledAdamW(torch.optim.Optimizer):
     """torch AdamW (decoupled weight decay) with a fixed lr scale per parameter inside each group.
 
-    `scales` maps the model's parameters to their scale. A tensor the optimizer is handed that is not one of them
+    `scales` maps the model's parameters to their scale (or ranges of scales, `LrScale`). A tensor the optimizer is
+    handed that is not one of them
     (DeepSpeed ZeRO-3 hands it one flat fp32 partition per group) must be described first by `bind_flat`: which
     element ranges of it belong to which scale. Each step runs one fused AdamW kernel per distinct scale over
     views of those ranges, with lr = group lr * scale, so the update is what a group per scale would get.
     """
 
-    def __init__(self, param_groups: List[Dict], scales: Dict[nn.Parameter, float],
+    def __init__(self, param_groups: List[Dict], scales: Dict[nn.Parameter, LrScale],
                  betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         super().__init__(param_groups, dict(lr=0.0, betas=tuple(betas), eps=eps, weight_decay=0.0))
-        self._scale_of = {id(param): float(scale) for param, scale in scales.items()}
+        self._scale_ranges = {id(param): ((0, param.numel(), float(scale)),) if isinstance(scale, (int, float))
+                              else tuple((int(o), int(n), float(x)) for o, n, x in scale)
+                              for param, scale in scales.items()}
         # id(flat tensor) -> {scale: [(start, numel), ...]}: the ranges one fused kernel call updates together
         self._ranges_by_scale: Dict[int, Dict[float, List[Tuple[int, int]]]] = {}
 
-    def scale_of(self, param: torch.Tensor) -> float:
+    def scale_ranges(self, param: torch.Tensor) -> Tuple[Tuple[int, int, float], ...]:
+        """(offset, numel, scale) element ranges of one of the model's parameters, covering it."""
         try:
-            return self._scale_of[id(param)]
+            return self._scale_ranges[id(param)]
         except KeyError:
             raise KeyError("LayerScaledAdamW has no lr scale for a parameter of shape "
                            f"{tuple(param.shape)}: build it with the model's parameters") from None
@@ -143,7 +171,10 @@ class LayerScaledAdamW(torch.optim.Optimizer):
 
     def _ranges(self, param: torch.Tensor) -> Dict[float, List[Tuple[int, int]]]:
         bound = self._ranges_by_scale.get(id(param))
-        return bound if bound is not None else {self.scale_of(param): [(0, param.numel())]}
+        if bound is None:
+            self.bind_flat(param, self.scale_ranges(param))
+            bound = self._ranges_by_scale[id(param)]
+        return bound
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -110,6 +110,9 @@ def bind_lr_scales_to_partitions(zero_optimizer: Any) -> None:
     inner = getattr(zero_optimizer, "optimizer", None)
     if not isinstance(inner, LayerScaledAdamW):
         return
+    # this rank's place among those ZeRO-3 partitions each parameter over (partition_parameters.py _partition_param)
+    group = getattr(zero_optimizer, "dp_process_group", None)
+    rank = torch.distributed.get_rank(group=group) if torch.distributed.is_initialized() else 0
     for sub_group, params in enumerate(zero_optimizer.fp16_groups):
         flat = zero_optimizer.fp32_partitioned_groups_flat[sub_group]
         flat16 = zero_optimizer.fp16_partitioned_groups_flat[sub_group]
@@ -119,9 +122,22 @@ def bind_lr_scales_to_partitions(zero_optimizer: Any) -> None:
             if flat16 is not None and param.ds_tensor.data_ptr() != flat16.data_ptr() + start * flat16.element_size():
                 raise RuntimeError(f"ZeRO-3 sub-group {sub_group}: a partition is not where its order puts it; this "
                                    "DeepSpeed lays partitions out differently, so layer-wise lr decay cannot be bound")
-            parts.append((start, numel, inner.scale_of(param)))
+            parts += partition_scale_ranges(inner.scale_ranges(param), rank * numel, numel, start)
             start += numel
         inner.bind_flat(flat, parts)
+
+
+def partition_scale_ranges(ranges: Sequence[Tuple[int, int, float]], first: int, numel: int,
+                           at: int) -> List[Tuple[int, int, float]]:
+    """The (offset, numel, scale) ranges of a parameter that fall in its partition, elements [first, first +
+    numel) of it (ZeRO-3 gives rank r the r-th stretch of partition_numel() elements), moved to where that
+    partition starts in a flat buffer (`at`). The partition's padding past the parameter's end is in no range."""
+    out = []
+    for offset, length, scale in ranges:
+        lo, hi = max(offset, first), min(offset + length, first + numel)
+        if lo < hi:
+            out.append((at + lo - first, hi - lo, scale))
+    return out
 
 
 def gathered_weight_offsets(model: nn.Module, param_groups: Sequence[Dict[str, Any]],
@@ -132,7 +148,7 @@ def gathered_weight_offsets(model: nn.Module, param_groups: Sequence[Dict[str, A
     One rank: the parameter is a view of its partition inside the flat buffer of all partitions (see
     `order_for_aligned_views`), so offsets accumulate over the groups' parameters. Several ranks: each gathered
     parameter is a fresh tensor (partition_parameters.py AllGatherCoalescedHandle concatenates the ranks' pieces
-    per parameter), so its offset is 0. Packed blocks add each view's offset inside its flat tensor.
+    per parameter), so its offset is 0. Packed stacks and blocks add each view's offset inside their flat tensors.
     """
     names = {id(p): name for name, p in model.named_parameters()}
     offsets: Dict[str, int] = {}
@@ -142,6 +158,13 @@ def gathered_weight_offsets(model: nn.Module, param_groups: Sequence[Dict[str, A
             offsets[names[id(param)]] = cursor if world_size == 1 else 0
             numel = getattr(param, "ds_numel", param.numel())  # a ZeRO-3 partitioned parameter holds no data
             cursor += -(-numel // world_size)  # the partition's size: ceil(numel / world size)
+    for name, module in model.named_modules():  # a packed stack's flat tensors hold its blocks' one after another
+        if isinstance(module, BlockStack) and module.block_numels is not None:
+            for flat, numels in module.block_numels.items():
+                start = offsets.pop(f"{name}.{flat}")
+                for i, numel in enumerate(numels):
+                    offsets[f"{name}.{i}.{flat}"] = start
+                    start += numel
     for name, module in model.named_modules():
         if isinstance(module, PackedBlock):
             for flat, slots in module.layout.slots.items():

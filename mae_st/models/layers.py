@@ -118,14 +118,32 @@ class Block(nn.Module):
 
 class BlockStack(nn.ModuleList):
     """Transformer blocks applied in order, as one module: under ZeRO-3 the engine gathers a whole stack at once
-    (mae_st/engine/zero.py). Parameter names are those of a plain ModuleList (`blocks.0.attn.q.weight`)."""
+    (mae_st/engine/zero.py). Parameter names are those of a plain ModuleList (`blocks.0.attn.q.weight`).
+
+    A stack of PackedBlocks can hold its blocks' flat tensors itself (`pack_block_stack`): then `block_numels`
+    gives each block's share of them, and forward hands every block its views."""
+
+    block_numels: Optional[Dict[str, List[int]]] = None  # flat tensor name -> each block's element count
+
+    def __init__(self, blocks=None):
+        super().__init__(blocks)
+        # a DeepSpeed checkpoint of a stack-packed model (zero_to_fp32) names the stack's flat tensors: accept those
+        self.register_load_state_dict_pre_hook(_split_stack_flat_keys)
 
     def forward(self, x: torch.Tensor, grad_checkpointing: bool = False) -> torch.Tensor:
         """With grad_checkpointing, each block's activations are recomputed in backward instead of stored."""
         checkpointed = grad_checkpointing and torch.is_grad_enabled()
-        for block in self:
-            x = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
+        for block, flats in zip(self, self.block_views()):
+            args = (x,) if flats is None else (x, flats)
+            x = checkpoint(block, *args, use_reentrant=False) if checkpointed else block(*args)
         return x
+
+    def block_views(self) -> List[Optional[Dict[str, torch.Tensor]]]:
+        """Each block's views of the stack's flat tensors (one split each: its backward is one concatenation)."""
+        if self.block_numels is None:
+            return [None] * len(self)
+        parts = {flat: getattr(self, flat).split(numels) for flat, numels in self.block_numels.items()}
+        return [{flat: pieces[i] for flat, pieces in parts.items()} for i in range(len(self))]
 
 
 def make_blocks(
@@ -282,17 +300,17 @@ class PackedBlock(nn.Module):
         self.register_state_dict_post_hook(_state_dict_under_block_names)
         self.register_load_state_dict_pre_hook(_pack_block_names)
 
-    def weights(self) -> Dict[str, torch.Tensor]:
-        """The Block's parameters as views into the flat tensors, by name."""
+    def weights(self, flats: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """The Block's parameters as views into the flat tensors (its own, or `flats` its stack hands it), by name."""
         views = {}
         for flat, (sizes, pieces) in self._plans.items():
-            parts = getattr(self, flat).split(sizes)
+            parts = (getattr(self, flat) if flats is None else flats[flat]).split(sizes)
             for index, slot in pieces:
                 views[slot.name] = parts[index].view(slot.shape)
         return views
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weights()
+    def forward(self, x: torch.Tensor, flats: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        w = self.weights(flats)
         h = F.layer_norm(x, self.norm_shape, w["norm1.weight"], w["norm1.bias"], self.eps[0])
         h = attend(F.linear(h, w["attn.q.weight"], w.get("attn.q.bias")), F.linear(h, w["attn.k.weight"],
                    w.get("attn.k.bias")), F.linear(h, w["attn.v.weight"], w.get("attn.v.bias")), self.num_heads)
@@ -311,18 +329,110 @@ def _pack_block_names(module: PackedBlock, state_dict, prefix: str, local_metada
                       unexpected_keys, error_msgs) -> None:
     """Block names -> flat tensors. A state dict that holds the flat tensors themselves loads as it is; one that
     lacks some names is left alone, so load_state_dict reports what is missing and unexpected."""
-    for flat, slots in module.layout.slots.items():
-        keys = [prefix + slot.name for slot in slots]
-        if prefix + flat in state_dict or not all(key in state_dict for key in keys):
+    if not module._parameters:
+        return  # its stack holds the flat tensors (pack_block_stack) and packs them
+    for flat in module.layout.slots:
+        packed = _flat_from_block_names(module, flat, state_dict, prefix, error_msgs)
+        if packed is not None:
+            state_dict[prefix + flat] = packed
+
+
+def _flat_from_block_names(block: PackedBlock, flat: str, state_dict, prefix: str, error_msgs) -> Optional[torch.Tensor]:
+    """The flat tensor `flat` of `block` (under `prefix`) packed from its Block names in `state_dict`, which loses
+    them; None, leaving it as it is, when the flat tensor is there already or a name is missing or misshapen."""
+    slots = block.layout.slots[flat]
+    keys = [prefix + slot.name for slot in slots]
+    if prefix + flat in state_dict or not all(key in state_dict for key in keys):
+        return None
+    wrong = [f"size mismatch for {prefix}{slot.name}: copying a param with shape {tuple(state_dict[key].shape)} "
+             f"from checkpoint, the shape in current model is {slot.shape}."
+             for slot, key in zip(slots, keys) if state_dict[key].numel() and state_dict[key].shape != slot.shape]
+    if wrong:
+        error_msgs.extend(wrong)
+        return None
+    return block.layout.pack(flat, {slot.name: state_dict.pop(key) for slot, key in zip(slots, keys)})
+
+
+# ---- packed stacks ----------------------------------------------------------------------------------------------
+# The same idea one level up, for ZeRO-3: a stack of PackedBlocks holds their flat tensors as two of its own, each
+# block's share one after the other (every share a multiple of PACK_ALIGN long), so DeepSpeed's per-tensor work
+# sees 2 tensors a stack instead of 2 a block (ViT-H MAE: 91 -> 23). Names in and out of state dicts stay the Block's.
+
+def pack_block_stack(stack: BlockStack) -> None:
+    """Moves the flat tensors of every PackedBlock of `stack` into two parameters of the stack (same values)."""
+    blocks = list(stack)
+    if not blocks or not all(isinstance(b, PackedBlock) and set(b._parameters) == set(b.layout.slots)
+                             for b in blocks):
+        raise ValueError("pack_block_stack packs a stack of PackedBlocks that hold their flat tensors")
+    names = list(blocks[0].layout.slots)
+    if any(list(b.layout.slots) != names for b in blocks):
+        raise ValueError("pack_block_stack: the blocks' flat tensors differ")
+    stack.block_numels = {}
+    for flat in names:
+        shares = [b._parameters.pop(flat) for b in blocks]
+        stack.register_parameter(flat, nn.Parameter(torch.cat([share.detach() for share in shares])))
+        stack.block_numels[flat] = [share.numel() for share in shares]
+    stack.register_state_dict_post_hook(_stack_state_dict_under_block_names)
+    stack.register_load_state_dict_pre_hook(_pack_stack_names)
+
+
+def stack_shares(stack: BlockStack, flats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The stack's flat tensors `flats` (name -> tensor) cut into its blocks' flat tensors, keyed "<i>.<flat>". A
+    tensor with no elements (a ZeRO-3 partition not gathered) gives empty ones."""
+    out = {}
+    for flat, tensor in flats.items():
+        numels = stack.block_numels[flat]
+        if tensor.numel() not in (0, sum(numels)):
+            raise ValueError(f"{flat}: {tensor.numel()} elements where this stack packs {sum(numels)}")
+        parts = [tensor.new_empty(0)] * len(numels) if tensor.numel() == 0 else tensor.reshape(-1).split(numels)
+        out.update({f"{i}.{flat}": part for i, part in enumerate(parts)})
+    return out
+
+
+def _stack_state_dict_under_block_names(stack: BlockStack, state_dict, prefix: str, local_metadata) -> None:
+    flats = {flat: state_dict.pop(prefix + flat) for flat in stack.block_numels if prefix + flat in state_dict}
+    shares = stack_shares(stack, flats)
+    for i, block in enumerate(stack):
+        mine = {flat: shares[f"{i}.{flat}"] for flat in block.layout.slots if f"{i}.{flat}" in shares}
+        state_dict.update({f"{prefix}{i}.{name}": value for name, value in block.layout.unpack(mine).items()})
+
+
+def _pack_stack_names(stack: BlockStack, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs) -> None:
+    """Block names, or each block's own flat tensors (a checkpoint packed per block), -> the stack's flat tensors.
+    A flat tensor some block cannot give is left alone, so load_state_dict reports what is missing."""
+    for flat in stack.block_numels:
+        if prefix + flat in state_dict:
             continue
-        wrong = [f"size mismatch for {prefix}{slot.name}: copying a param with shape {tuple(state_dict[key].shape)} "
-                 f"from checkpoint, the shape in current model is {slot.shape}."
-                 for slot, key in zip(slots, keys) if state_dict[key].numel() and state_dict[key].shape != slot.shape]
-        if wrong:
-            error_msgs.extend(wrong)
+        own = [f"{prefix}{i}.{flat}" for i in range(len(stack))]
+        if not all(key in state_dict for key in own):
+            if not all(all(f"{prefix}{i}.{slot.name}" in state_dict for slot in block.layout.slots[flat])
+                       for i, block in enumerate(stack)):
+                continue
+            for i, block in enumerate(stack):
+                state_dict[own[i]] = _flat_from_block_names(block, flat, state_dict, f"{prefix}{i}.", error_msgs)
+            if any(state_dict[key] is None for key in own):
+                for key in own:
+                    state_dict.pop(key)
+                continue
+        shares = [state_dict.pop(key) for key in own]
+        state_dict[prefix + flat] = shares[0].new_empty(0) if all(s.numel() == 0 for s in shares) else \
+            torch.cat([s.reshape(-1) for s in shares])
+
+
+def _split_stack_flat_keys(stack: BlockStack, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                           unexpected_keys, error_msgs) -> None:
+    """A stack that holds no flat tensors of its own, loading a state dict that names a stack's: each is cut into
+    equal shares, one per block, which each block then unpacks (its blocks all have the same shapes)."""
+    if stack.block_numels is not None or len(stack) == 0:
+        return
+    for flat in (FUSED_DECAY, FUSED_NO_DECAY):
+        tensor = state_dict.get(prefix + flat)
+        if tensor is None or tensor.numel() % len(stack):
             continue
-        state_dict[prefix + flat] = module.layout.pack(flat, {slot.name: state_dict.pop(key)
-                                                               for slot, key in zip(slots, keys)})
+        del state_dict[prefix + flat]
+        for i, share in enumerate(tensor.reshape(-1).split(tensor.numel() // len(stack))):
+            state_dict[f"{prefix}{i}.{flat}"] = share
 
 
 def _unpack_flat_keys(module: Block, state_dict, prefix: str, local_metadata, strict, missing_keys,
@@ -348,8 +458,13 @@ def _unpack_flat_keys(module: Block, state_dict, prefix: str, local_metadata, st
 
 def to_block_names(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """`tensors` keyed by `model.named_parameters()` names (gradients, fp32 master copies, ...) with each packed
-    block's flat tensors split into the Block's parameter names, as `model.state_dict()` names them."""
+    stack's and block's flat tensors split into the Block's parameter names, as `model.state_dict()` names them."""
     out = dict(tensors)
+    for name, module in model.named_modules():  # stacks first: their flat tensors -> each block's
+        if isinstance(module, BlockStack) and module.block_numels is not None:
+            prefix = f"{name}." if name else ""
+            flats = {flat: out.pop(prefix + flat) for flat in module.block_numels if prefix + flat in out}
+            out.update({prefix + key: value for key, value in stack_shares(module, flats).items()})
     for name, module in model.named_modules():
         if isinstance(module, PackedBlock):
             prefix = f"{name}." if name else ""
