@@ -114,8 +114,9 @@ def pack_sets(bench: Bench, gops: Sequence[int], codecs: Sequence[str] = ("vp9",
             pack_videos(PackOptions(out_dir=str(folder), data_dirs=raw, prefix="train", progress=False,
                                     gop=None if gop == 30 else gop, codec=codec))
         bench.sets[name] = str(folder)
-        rows.append({"set": name, "codec": codec, "gop": gop, "MB": round(sum(os.path.getsize(t) for t in list_shards(str(folder)).tars)
-                                                        / 1e6, 1), "pack s": round(time.perf_counter() - started, 1)})
+        megabytes = sum(os.path.getsize(t) for t in list_shards(str(folder)).tars) / 1e6
+        rows.append({"set": name, "codec": codec, "gop": gop, "MB": round(megabytes, 1),
+                     "pack s": round(time.perf_counter() - started, 1)})
     return rows
 
 

@@ -151,8 +151,8 @@ class RunConfig:
     # threads beside it otherwise keep it waiting up to 5 ms at a time (ViT-B/16 finetuning with 4 decoder threads
     # on an H200: data wait 1.7 % against 3.0 %, clips/s a few % higher; docs/performance.md)
     gil_switch_interval_ms: float = 0.5
-    # torch.compile of each transformer block's forward (mae_st/models/compile.py): "auto" on CUDA GPUs, where it
-    # took the ViT-H/14 16-clip pretraining step on an H200 from 0.95x to 1.04x eager PyTorch (docs/performance.md),
+    # torch.compile of each transformer block's forward (mae_st/models/compile.py): "auto" on CUDA GPUs, where the
+    # compiled ZeRO-3 step ran 1.03-1.12x the uncompiled one in five measurements on an H200 (docs/performance.md),
     # not on CPUs, where compiling only adds start-up time; "on" / "off" force it
     compile_blocks: str = "auto"
 

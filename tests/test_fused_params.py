@@ -38,18 +38,23 @@ def grads_by_name(model):
     return {name: param.grad for name, param in model.named_parameters()}
 
 
+@pytest.mark.parametrize("stacks", [False, True])
 @pytest.mark.parametrize("family", ["mae", "classifier"])
-def test_packed_blocks_compute_the_same_loss_and_gradients(family):
+def test_packed_blocks_and_stacks_compute_the_same_loss_and_gradients(family, stacks):
+    """Packed blocks (2 tensors a block), and stacks holding their packed blocks' tensors (2 a stack, what the
+    ZeRO-3 engine trains): the same loss and gradients as the plain model, the usual names out of state_dict()."""
     torch.manual_seed(0)
     if family == "mae":
-        model = create_model("mae_vit_tiny_patch8", **TINY_MAE)
+        model = create_model("mae_vit_tiny_patch8", **{**TINY_MAE, "decoder_depth": 2})
     else:  # drop path and recomputed activations exercise binding the views again inside backward
         model = create_model("vit_tiny_patch8", img_size=32, num_frames=4, num_classes=3, drop_path_rate=0.3,
                              grad_checkpointing=True)
-    packed = packed_copy(model)
+    packed = stacked_copy(model) if stacks else packed_copy(model)
     block = packed.blocks[0]
     assert isinstance(block, PackedBlock)
-    assert [name for name, _ in block.named_parameters()] == [FUSED_DECAY, FUSED_NO_DECAY]  # nothing else owns any
+    owner = packed.blocks if stacks else block  # nothing else owns any
+    assert [name for name, _ in owner.named_parameters()] == [FUSED_DECAY, FUSED_NO_DECAY]
+    assert list(packed.state_dict()) == list(model.state_dict())
 
     clips = torch.randn(2, 3, 4, 32, 32)
     losses = []
@@ -64,6 +69,12 @@ def test_packed_blocks_compute_the_same_loss_and_gradients(family):
     assert set(got) == set(expected)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def stacked_copy(model):
+    packed = packed_copy(model)
+    assert pack_block_stacks(packed) == 1 + hasattr(model, "decoder_blocks")
+    return packed
 
 
 @pytest.mark.parametrize("name, kwargs", [("mae_vit_tiny_patch8", TINY_MAE),
@@ -100,42 +111,6 @@ def test_a_plain_model_loads_the_flat_tensors_of_a_deepspeed_checkpoint(bias_wd,
     consolidated["blocks.0.fused_decay"] = consolidated["blocks.0.fused_decay"][:-1]
     with pytest.raises(RuntimeError, match="blocks.0.: packed tensors of .* fit no packing"):
         create_model("mae_vit_tiny_patch8", **TINY_MAE).load_state_dict(consolidated)
-
-
-def stacked_copy(model):
-    packed = packed_copy(model)
-    assert pack_block_stacks(packed) == 1 + hasattr(model, "decoder_blocks")
-    return packed
-
-
-@pytest.mark.parametrize("family", ["mae", "classifier"])
-def test_packed_stacks_compute_the_same_loss_and_gradients(family):
-    """A stack holding its packed blocks' flat tensors (what the ZeRO-3 engine trains): 2 tensors a stack, the same
-    loss and gradients as the plain model, the usual names out of state_dict()."""
-    torch.manual_seed(0)
-    if family == "mae":
-        model = create_model("mae_vit_tiny_patch8", **{**TINY_MAE, "decoder_depth": 2})
-    else:
-        model = create_model("vit_tiny_patch8", img_size=32, num_frames=4, num_classes=3, drop_path_rate=0.3,
-                             grad_checkpointing=True)
-    stacked = stacked_copy(model)
-    assert [n for n, _ in stacked.blocks.named_parameters()] == [FUSED_DECAY, FUSED_NO_DECAY]
-    assert not list(stacked.blocks[0].parameters())  # the blocks own none
-    assert list(stacked.state_dict()) == list(model.state_dict())
-
-    clips = torch.randn(2, 3, 4, 32, 32)
-    losses = []
-    for m in (model, stacked):
-        torch.manual_seed(1)
-        out = m(clips)
-        loss = out[0] if family == "mae" else F.cross_entropy(out, torch.tensor([0, 2]))
-        loss.backward()
-        losses.append(loss.item())
-    assert losses[0] == losses[1]
-    expected, got = grads_by_name(model), to_block_names(stacked, grads_by_name(stacked))
-    assert set(got) == set(expected)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_a_packed_stack_loads_every_earlier_form_and_a_plain_model_loads_its_flat_tensors():

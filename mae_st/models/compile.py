@@ -3,8 +3,8 @@
 Why: at MAE-ST's few visible tokens a block's step is mostly kernel launches (layer norms, GELU, residual adds,
 drop path around the GEMMs); compiled, a block launches fewer, larger kernels. The compiled region is the block's
 forward alone, so DeepSpeed's hooks on the block stacks (ZeRO-3 fetch and release, gradient bookkeeping) stay
-outside it, eager. On one H200 the ViT-H/14 pretraining step at 16 clips ran 1.09x the uncompiled ZeRO-3 step and
-1.04x eager PyTorch in the same run (docs/performance.md, 2026-12-01).
+outside it, eager. On an H200 the compiled ZeRO-3 step ran 1.03-1.12x the uncompiled one in five measurements
+(ViT-H/14 pretraining at 16 and 64 clips, finetuning at 8, ViT-B/16 finetuning; docs/performance.md, 2026-12-01).
 
 timm's DropPath keeps its rate as a Python float, which torch.compile specialises on: the finetuning model's blocks
 (rates 0 .. drop_path_rate) would each compile their own graph, past dynamo's recompile limit (8), after which the

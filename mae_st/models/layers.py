@@ -337,7 +337,8 @@ def _pack_block_names(module: PackedBlock, state_dict, prefix: str, local_metada
             state_dict[prefix + flat] = packed
 
 
-def _flat_from_block_names(block: PackedBlock, flat: str, state_dict, prefix: str, error_msgs) -> Optional[torch.Tensor]:
+def _flat_from_block_names(block: PackedBlock, flat: str, state_dict, prefix: str,
+                           error_msgs) -> Optional[torch.Tensor]:
     """The flat tensor `flat` of `block` (under `prefix`) packed from its Block names in `state_dict`, which loses
     them; None, leaving it as it is, when the flat tensor is there already or a name is missing or misshapen."""
     slots = block.layout.slots[flat]
