@@ -112,15 +112,19 @@ def _count(values) -> Dict[int, int]:
 
 # ---- engine ------------------------------------------------------------------------------------------------------
 
-def start_one_rank_world():
-    """This process as a one-rank DeepSpeed world (NCCL on the GPU, gloo on the CPU)."""
-    from mae_st.engine.distributed import init_distributed
-
+def one_rank_world_env() -> Dict[str, str]:
+    """The launcher variables of a one-rank world on a free local port."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0"}.items():
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+
+
+def start_one_rank_world():
+    """This process as a one-rank DeepSpeed world (NCCL on the GPU, gloo on the CPU); variables already set win."""
+    from mae_st.engine.distributed import init_distributed
+
+    for key, value in one_rank_world_env().items():
         os.environ.setdefault(key, value)
     return init_distributed()
 

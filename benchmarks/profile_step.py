@@ -24,8 +24,10 @@ host-bound one.
 Host-bound steps (the 16-clip pretraining step, ViT-B/16) need care: in one process a variant slows the ones after
 it (eager measured after z3 took up to 1.4x its time on an H200, docs/performance.md). `--isolate` runs each
 variant in its own process; `--leaf_lists_ab N` compares the ZeRO-3 leaves' kept parameter lists with DeepSpeed's
-walk on one engine (alternating blocks, so the machine's drift cancels out); `--python_profile_steps N` lists the
-Python functions a step spends its time in (cProfile, which inflates Python-heavy code).
+walk on one engine (alternating blocks, so the machine's drift cancels out); `--phase_steps N` times forward,
+backward and optimizer step on the host alone and synced (a phase whose two times agree is host-bound);
+`--python_profile_steps N` lists the Python functions a step spends its time in (cProfile, which inflates
+Python-heavy code).
 
     python3 benchmarks/profile_step.py --isolate --profile_steps 0 --variants eager,z3 --leaf_lists_ab 10
 

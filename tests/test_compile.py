@@ -4,7 +4,6 @@ math as the eager blocks, the usual state-dict names, and the engine builder com
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import torch
@@ -65,15 +64,11 @@ def test_drop_paths_become_one_buffered_kind_that_keeps_the_expectation():
 def test_the_engine_builder_compiles_where_the_flag_says_and_trains_the_same(monkeypatch):
     """--compile_blocks: auto compiles on a GPU only; 'on' on this CPU gives real ZeRO-3 steps with the losses of
     the uncompiled engine."""
-    from benchmarks.gemm_alignment import start_one_rank_world
+    from benchmarks.gemm_alignment import one_rank_world_env, start_one_rank_world
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     # a world of one whose variables go when the test ends: later subprocesses (the demo's train.py) must not
     # inherit this process's port
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0"}.items():
+    for key, value in one_rank_world_env().items():
         monkeypatch.setenv(key, value)
     assert compiles_blocks("auto", DistEnv(0, 1, 0, torch.device("cuda", 0)))
     assert not compiles_blocks("auto", DistEnv(0, 1, 0, torch.device("cpu")))

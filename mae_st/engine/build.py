@@ -138,13 +138,14 @@ def build_engine(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = Engi
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     log.info("precision: %s%s on %s, world size %d, ZeRO stage %d", dtype,
              " (torch_autocast bf16)" if overrides.torch_autocast else "", env.device, env.world_size, stage)
-    # under ZeRO-3 with layer-wise decay as scales (LayerScaledAdamW can scale ranges of one tensor); the other
-    # stages put each layer in its own optimizer group, which needs a tensor per block
+    # ZeRO-3 keeps layer-wise decay as scales inside the optimizer, which can scale ranges of one tensor: so only
+    # there are stacks packed; the other stages put each layer in its own optimizer group, a tensor per block
+    scales_in_optimizer = stage == 3 and not overrides.layer_groups
     model = build_train_model(cfg, env, overrides, load_weights,
-                              pack_stacks=stage == 3 and not overrides.layer_groups and overrides.pack_stacks)
+                              pack_stacks=scales_in_optimizer and overrides.pack_stacks)
     cfg = effective_config(cfg, overrides)
     optimizer = build_optimizer(model, cfg.optim, cfg.run.mode == "finetune", env.device,
-                                scales_in_optimizer=stage == 3 and not overrides.layer_groups)
+                                scales_in_optimizer=scales_in_optimizer)
     if isinstance(optimizer, LayerScaledAdamW):  # DeepSpeed asks for this with any optimizer it does not know
         ds_config["zero_allow_untested_optimizer"] = True
     if overrides.align_views:

@@ -45,8 +45,9 @@ def list_leaf_parameters_once(enabled: bool = True) -> bool:
     cProfile). That host time is what the reference recipe's 16-clip pretraining step waits on. A leaf's
     parameters are fixed once its engine is built (ZeRO-3 converts them at initialisation), so the list is kept,
     and made again if DeepSpeed registers an external parameter on the leaf. On one H200, one engine, alternating
-    blocks of steps: ViT-H/14 pretraining at 16 clips 0.1186 -> 0.1074 s/step (0.906x), ViT-B/16 finetuning
-    0.992x (docs/performance.md). Calls for other modules, or without recurse, go to DeepSpeed's function.
+    blocks of steps: ViT-H/14 pretraining at 16 clips 0.1186 -> 0.1074 s/step (0.906x) once, 0.98-1.09x in four
+    later A/Bs, so the gain is unproven (docs/performance.md). Calls for other modules, or without recurse, go to
+    DeepSpeed's function.
 
     Returns False, changing nothing, when this DeepSpeed has no such function in both modules.
     """

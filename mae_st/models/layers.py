@@ -406,17 +406,16 @@ def _pack_stack_names(stack: BlockStack, state_dict, prefix: str, local_metadata
         if prefix + flat in state_dict:
             continue
         own = [f"{prefix}{i}.{flat}" for i in range(len(stack))]
-        if not all(key in state_dict for key in own):
-            if not all(all(f"{prefix}{i}.{slot.name}" in state_dict for slot in block.layout.slots[flat])
-                       for i, block in enumerate(stack)):
-                continue
-            for i, block in enumerate(stack):
-                state_dict[own[i]] = _flat_from_block_names(block, flat, state_dict, f"{prefix}{i}.", error_msgs)
-            if any(state_dict[key] is None for key in own):
-                for key in own:
-                    state_dict.pop(key)
-                continue
-        shares = [state_dict.pop(key) for key in own]
+        if all(key in state_dict for key in own):
+            shares = [state_dict.pop(key) for key in own]
+        elif all(all(f"{prefix}{i}.{slot.name}" in state_dict for slot in block.layout.slots[flat])
+                 for i, block in enumerate(stack)):
+            shares = [_flat_from_block_names(block, flat, state_dict, f"{prefix}{i}.", error_msgs)
+                      for i, block in enumerate(stack)]
+            if any(share is None for share in shares):
+                continue  # a misshapen name, reported in error_msgs
+        else:
+            continue
         state_dict[prefix + flat] = shares[0].new_empty(0) if all(s.numel() == 0 for s in shares) else \
             torch.cat([s.reshape(-1) for s in shares])
 
