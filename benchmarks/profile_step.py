@@ -13,13 +13,13 @@ z3-nopack, z0; rows past `--budget_s` are listed as skipped rather than cut off.
 
 Every DeepSpeed variant is built by mae_st.engine.build.build_engine, the builder train.py uses, with an
 EngineOverrides naming what differs (`--list` prints them), and its step is the Trainer's own micro-step (forward,
-the non-finite/SIGTERM flag all-reduce and its one host read, backward, step). `eager` is PyTorch alone: the same
-model init, bf16 autocast over fp32 weights, fused AdamW, no DeepSpeed; the reference for what the model costs, and
-`x eager` divides each row's clips/s by it, measured in the same run. MFU divides the matmul FLOPs
-(benchmarks/flops.py) by a bf16 8192^3 matmul measured at start. After the timed steps a short torch.profiler
-window names the step's top GEMM kernels and counts its host syncs (cudaStreamSynchronize / cudaDeviceSynchronize);
-on a GPU it also gives the kernel time per step and the largest kernels, which tell a GPU-bound step from a
-host-bound one.
+backward, step, the ranks' SIGTERM vote; `z3-presync` checks the loss on the host before backward, as train.py did
+before). `eager` is PyTorch alone: the same model init, bf16 autocast over fp32 weights, fused AdamW, no DeepSpeed;
+the reference for what the model costs, and `x eager` divides each row's clips/s by it, measured in the same run.
+MFU divides the matmul FLOPs (benchmarks/flops.py) by a bf16 8192^3 matmul measured at start. After the timed steps
+a short torch.profiler window names the step's top GEMM kernels and counts its host syncs (cudaStreamSynchronize /
+cudaDeviceSynchronize); on a GPU it also gives the kernel time per step and the largest kernels, which tell a
+GPU-bound step from a host-bound one.
 
 Host-bound steps (the 16-clip pretraining step, ViT-B/16) need care: in one process a variant slows the ones after
 it (eager measured after z3 took up to 1.4x its time on an H200, docs/performance.md). `--isolate` runs each
@@ -81,6 +81,7 @@ class Variant:
     packed: bool = False  # eager only: packed blocks (DeepSpeed variants follow their EngineOverrides)
     compile_blocks: bool = False  # eager only: torch.compile each block's forward (engines: EngineOverrides)
     deepcompile: bool = False  # DeepSpeed's DeepCompile: engine.compile() (its engine needs compile.deepcompile)
+    check_loss_first: bool = False  # engines: the Trainer reads the loss's finiteness on the host before backward
     # a diagnostic, not a training setting: finetuning with one lr for every layer (2 param groups, not ~2 a block)
     layer_decay: Optional[float] = None
 
@@ -88,10 +89,16 @@ class Variant:
 VARIANTS: Dict[str, Variant] = {
     "eager": Variant("PyTorch alone: bf16 autocast over fp32 weights, fused AdamW, plain blocks"),
     "eager-packed": Variant("eager with packed blocks", packed=True),
-    "eager-compile": Variant("eager + torch.compile of every block's forward (what train.py's --compile_blocks "
+    "eager-compile": Variant("eager + torch.compile of every block's forward (what train.py's --compile_blocks on "
                              "does)", compile_blocks=True),
     "z3": Variant("train.py's engine: ZeRO-3 bf16, packed block stacks, block-stack leaves, aligned views, blocks "
                   "compiled on a GPU (--compile_blocks auto)", EngineOverrides()),
+    "z3-presync": Variant("z3 with the loss checked for NaN/inf on the host before backward, one more sync a step "
+                          "(train.py before 2026-12-01 sixth)", EngineOverrides(), check_loss_first=True),
+    "z3-stackcompile": Variant("z3 with each block stack's forward compiled as one graph (--compile_blocks stack, "
+                               "auto's choice for finetuning)", EngineOverrides(compile_blocks="stack")),
+    "z3-blockcompile": Variant("z3 with each block's forward compiled (--compile_blocks on, auto's choice for "
+                               "pretraining)", EngineOverrides(compile_blocks="on")),
     "z3-nocompile": Variant("z3 with --compile_blocks off (what train.py ran before 2026-12-01 fifth)",
                             EngineOverrides(compile_blocks="off")),
     "z3-blockpack": Variant("z3 with two flat tensors a block instead of a block stack (before 2026-12-01 fifth)",
@@ -108,8 +115,8 @@ VARIANTS: Dict[str, Variant] = {
     "z3-noleaf": Variant("z3 with DeepSpeed's per-layer gathers (no leaf modules)", EngineOverrides(leaves="none")),
     "z3-mel": Variant("z3 with memory_efficient_linear on (DeepSpeed's Python F.linear)",
                       EngineOverrides(memory_efficient_linear=True)),
-    "z3-walkleaves": Variant("z3 with DeepSpeed listing each leaf's parameters at every fetch and release (as "
-                             "before 2026-12-01 fourth)", EngineOverrides(list_leaves_once=False)),
+    "z3-walkleaves": Variant("z3 with DeepSpeed walking each leaf's and the root's modules at every fetch, release "
+                             "and step (as before 2026-12-01 fourth)", EngineOverrides(list_params_once=False)),
     "z3-persist": Variant("z3 with every parameter kept gathered", EngineOverrides(zero=PERSIST_ALL)),
     "z3-nooverlap": Variant("z3 with overlap_comm off: ZeRO-3's gathers and reductions on the compute stream (one "
                             "GPU has nothing to overlap)", EngineOverrides(zero={"overlap_comm": False})),
@@ -187,7 +194,7 @@ def make_step(variant: Variant, cfg: JobConfig, env, lr: float):
         built.engine.compile()
     # the Trainer's own micro-step: what train.py runs per batch (its logger is a no-op off the main rank)
     trainer = Trainer(built.engine, cfg, env, built.loss_fn, RunLogger("", is_main=False, resumed=False), lr, 1,
-                      StopSignal())
+                      StopSignal(), check_loss_first=variant.check_loss_first or None)
     state = TrainState()
 
     def engine_step(clips, targets):
@@ -284,18 +291,19 @@ def profile_window(step, clips, targets, device, steps: int = 2) -> dict:
 
 
 def leaf_lists_ab(step, clips, targets, device, blocks: int, steps: int = 5) -> dict:
-    """The same built ZeRO-3 step with the leaves' parameter lists kept (mae_st.engine.zero, train.py's setting)
-    and walked by DeepSpeed at every fetch, in alternating blocks of `steps` steps: medians in s/step. One engine,
-    one process, so the machine's drift between processes (+-25 % for host-bound steps) cancels out."""
+    """The same built ZeRO-3 step with the parameter lists of the modules DeepSpeed walks whole kept
+    (mae_st.engine.zero, train.py's setting) and walked by DeepSpeed at every fetch, in alternating blocks of
+    `steps` steps: medians in s/step. One engine, one process, so the machine's drift between processes (+-25 % for
+    host-bound steps) cancels out."""
     import statistics
 
-    from mae_st.engine.zero import list_leaf_parameters_once
+    from mae_st.engine.zero import list_parameters_once
 
     times: Dict[bool, List[float]] = {True: [], False: []}
     try:
         for block in range(blocks):
             for kept in ((True, False) if block % 2 == 0 else (False, True)):
-                list_leaf_parameters_once(kept)
+                list_parameters_once(kept)
                 sync(device)
                 started = time.perf_counter()
                 for _ in range(steps):
@@ -303,7 +311,7 @@ def leaf_lists_ab(step, clips, targets, device, blocks: int, steps: int = 5) -> 
                 sync(device)
                 times[kept].append((time.perf_counter() - started) / steps)
     finally:
-        list_leaf_parameters_once(True)
+        list_parameters_once(True)
     kept, walked = statistics.median(times[True]), statistics.median(times[False])
     return {"leaf lists kept s/step": round(kept, 4), "walked s/step": round(walked, 4),
             "kept / walked": round(kept / walked, 3)}

@@ -1,5 +1,6 @@
 """Compiled transformer blocks (mae_st/models/compile.py, --compile_blocks): real torch.compile on the CPU, the same
-math as the eager blocks, the usual state-dict names, and the engine builder compiling where the flag says."""
+math as the eager blocks, each block or each block stack as one graph, the usual state-dict names, and the engine
+builder compiling where the flag says."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import pytest
 import torch
 
 from mae_st.config import JobConfig
-from mae_st.engine.build import EngineOverrides, build_engine, compiles_blocks
+from mae_st.engine.build import EngineOverrides, build_engine, compile_scope
 from mae_st.engine.distributed import DistEnv
-from mae_st.engine.fused_params import fuse_block_parameters
+from mae_st.engine.fused_params import fuse_block_parameters, pack_block_stacks
 from mae_st.engine.optim import weight_decay_rule
 from mae_st.models import create_model
 from mae_st.models.compile import BufferedDropPath, compile_blocks, transformer_blocks
@@ -24,12 +25,18 @@ def is_compiled(block) -> bool:
     return hasattr(block.forward, "_torchdynamo_orig_callable")
 
 
-def test_compiled_packed_blocks_compute_the_same_loss_and_gradients():
+@pytest.mark.parametrize("whole_stacks", [False, True], ids=["each-block", "each-stack"])
+def test_compiled_packed_blocks_compute_the_same_loss_and_gradients(whole_stacks):
     torch.manual_seed(0)
     model = create_model("mae_vit_tiny_patch8", **TINY_MAE)
     fuse_block_parameters(model, weight_decay_rule(model))
+    if whole_stacks:
+        pack_block_stacks(model)  # what ZeRO-3 trains
     compiled = copy.deepcopy(model)
-    assert compile_blocks(compiled) == 3 and all(is_compiled(b) for b in transformer_blocks(compiled))
+    assert compile_blocks(compiled, whole_stacks=whole_stacks) == 3
+    stacks = [compiled.blocks, compiled.decoder_blocks]
+    assert all(is_compiled(b) != whole_stacks for b in transformer_blocks(compiled))
+    assert all(is_compiled(s) == whole_stacks for s in stacks)
     assert list(compiled.state_dict()) == list(model.state_dict())  # exports and resumes see the same names
 
     clips = torch.randn(2, 3, 4, 32, 32)
@@ -62,27 +69,29 @@ def test_drop_paths_become_one_buffered_kind_that_keeps_the_expectation():
 
 
 def test_the_engine_builder_compiles_where_the_flag_says_and_trains_the_same(monkeypatch):
-    """--compile_blocks: auto compiles on a GPU only; 'on' on this CPU gives real ZeRO-3 steps with the losses of
-    the uncompiled engine."""
+    """--compile_blocks: auto compiles on a GPU only, whole stacks for finetuning and each block for pretraining;
+    'on' and 'stack' on this CPU give real ZeRO-3 steps with the losses of the uncompiled engine."""
     from benchmarks.gemm_alignment import one_rank_world_env, start_one_rank_world
 
     # a world of one whose variables go when the test ends: later subprocesses (the demo's train.py) must not
     # inherit this process's port
     for key, value in one_rank_world_env().items():
         monkeypatch.setenv(key, value)
-    assert compiles_blocks("auto", DistEnv(0, 1, 0, torch.device("cuda", 0)))
-    assert not compiles_blocks("auto", DistEnv(0, 1, 0, torch.device("cpu")))
-    assert compiles_blocks("on", DistEnv(0, 1, 0, torch.device("cpu")))
+    gpu, cpu = DistEnv(0, 1, 0, torch.device("cuda", 0)), DistEnv(0, 1, 0, torch.device("cpu"))
+    assert (compile_scope("auto", "finetune", gpu), compile_scope("auto", "pretrain", gpu)) == ("stack", "block")
+    assert compile_scope("auto", "finetune", cpu) is None and compile_scope("off", "pretrain", gpu) is None
+    assert (compile_scope("on", "finetune", cpu), compile_scope("stack", "pretrain", cpu)) == ("block", "stack")
     env = start_one_rank_world()
     cfg = JobConfig()
     cfg.model.name, cfg.data.img_size, cfg.data.num_frames = "mae_vit_tiny_patch8", 32, 4
     cfg.model.decoder_embed_dim, cfg.model.decoder_depth, cfg.model.decoder_num_heads = 32, 1, 4
     cfg.model.pred_t_dim, cfg.data.batch_size_per_gpu = 4, 2
     losses = {}
-    for setting in ("off", "on"):
+    for setting in ("off", "on", "stack"):
         built = build_engine(cfg, env, EngineOverrides(compile_blocks=setting))
         try:
             assert all(is_compiled(b) for b in transformer_blocks(built.model)) == (setting == "on")
+            assert is_compiled(built.model.blocks) == (setting == "stack")
             clips = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
             torch.manual_seed(1)
             losses[setting] = []
@@ -94,3 +103,4 @@ def test_the_engine_builder_compiles_where_the_flag_says_and_trains_the_same(mon
         finally:
             built.engine.destroy()
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-5)
+    assert losses["stack"] == pytest.approx(losses["off"], rel=1e-5)

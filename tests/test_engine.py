@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -335,8 +336,8 @@ def test_zero3_finetuning_with_scales_in_the_optimizer_matches_per_layer_groups(
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     groups, scales, walked, control, zero0 = (report[k] for k in ("layer groups", "scales in optimizer",
-                                                                   "leaves walked", "no layer decay", "zero 0"))
-    assert walked["losses"] == scales["losses"]  # the kept leaf lists fetch and release exactly what the walk does
+                                                                   "modules walked", "no layer decay", "zero 0"))
+    assert walked["losses"] == scales["losses"]  # the kept lists fetch and release exactly what the walk does
     assert report["world size"] == 2
     assert (groups["optimizer"], scales["optimizer"], zero0["optimizer"]) == ("AdamW", "LayerScaledAdamW", "AdamW")
     assert scales["optimizer groups"] == 2 < groups["optimizer groups"] == zero0["optimizer groups"]
@@ -359,3 +360,28 @@ def test_layer_scaled_adamw_resumes_from_its_state_dict():
     _train_a_few_steps(model, first, steps=2)
     _train_a_few_steps(twin, second, steps=2)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_a_nan_loss_on_one_zero3_rank_is_skipped_on_both_and_a_sigterm_stops_both_together(tmp_path):
+    """README's promise for a NaN/inf loss, on real ZeRO-3 engines on 2 CPU ranks, rank 1's second batch NaN:
+    the step is skipped and counted on every rank, and the next steps' losses are those of a run that never met
+    the bad batch. train.py's ZeRO-3 default leaves the skip to the engine's gradient-norm check (no host sync
+    before backward) and agrees on a SIGTERM of one rank a step later; the host check (other stages) at once."""
+    from tests.test_train import ROOT, VENV_BIN, launch_env
+
+    out = tmp_path / "report.json"
+    port = str(29500 + (os.getpid() + 13) % 1000)
+    done = subprocess.run([os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", "2", "--master_port", port,
+                           "tests/zero3_skip_and_stop.py", str(out)], cwd=ROOT, env=launch_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["world size"] == 2
+    clean = report["without the bad batch"]["ranks"][0]["losses"]
+    for way, first, stops_at in (("engine check", False, 3), ("host check", True, 2)):
+        for rank in report[way]["ranks"]:
+            assert rank["check_loss_first"] is first
+            assert rank["skipped"] == 1
+            losses = rank["losses"]
+            assert math.isnan(losses[1]) and losses[:1] + losses[2:] == pytest.approx(clean, rel=1e-6), way
+            assert rank["stopping"] == [False] * stops_at + [True] * (4 - stops_at), way

@@ -19,7 +19,7 @@ from mae_st.engine.fused_params import (FUSED_DECAY, FUSED_NO_DECAY, fuse_block_
                                         to_block_names)
 from mae_st.engine.optim import build_param_groups, weight_decay_rule
 from mae_st.engine.zero import (byte_alignment, gathered_weight_offsets, linear_weight_names,
-                                list_leaf_parameters_once, order_for_aligned_views)
+                                list_parameters_once, order_for_aligned_views)
 from mae_st.models import build_model, create_model
 from mae_st.models.layers import PACK_ALIGN, PackedBlock, block_decayed_names
 
@@ -258,10 +258,11 @@ def test_checkpoints_of_earlier_engine_layouts_are_refused(tmp_path):
                 check_resume_layout(folder, cfg)
 
 
-def test_zero3_leaves_list_their_parameters_once_and_again_when_deepspeed_registers_one():
-    """What the ZeRO-3 engine's fetch and release get from DeepSpeed's iter_params: a leaf's parameters, listed by
-    one walk of its modules, then kept (and listed again when an external parameter is registered on it); other
-    modules walked as before; no leaf kept alive by the list; DeepSpeed's own function back when turned off."""
+def test_modules_walked_whole_list_their_parameters_once_and_again_when_deepspeed_registers_one():
+    """What the ZeRO-3 engine's fetch, release and step get from DeepSpeed's iter_params(recurse=True): a leaf's
+    or the root's parameters, listed by one walk of its modules, then kept (and listed again when an external
+    parameter is registered on it); recurse=False as before; no module kept alive by the list; DeepSpeed's own
+    function back when turned off."""
     import gc
     import weakref
 
@@ -283,7 +284,7 @@ def test_zero3_leaves_list_their_parameters_once_and_again_when_deepspeed_regist
     before = coordinator.iter_params
     original = getattr(before, "deepspeed_iter_params", before)
     try:
-        assert list_leaf_parameters_once()
+        assert list_parameters_once()
         iter_params = coordinator.iter_params
         assert parameter_offload.iter_params is iter_params and iter_params is not original
         leaf = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Sequential(torch.nn.LayerNorm(3),
@@ -297,7 +298,7 @@ def test_zero3_leaves_list_their_parameters_once_and_again_when_deepspeed_regist
         for _ in range(3):
             assert list(iter_params(leaf, recurse=True)) == leaf_params
             assert list(iter_params(other, recurse=True)) == other_params
-        assert (leaf_walks[0], other_walks[0]) == (1, 3)
+        assert (leaf_walks[0], other_walks[0]) == (1, 1)
         assert list(iter_params(leaf)) == []  # recurse=False: the leaf's own (none), DeepSpeed's way
         extra = torch.nn.Parameter(torch.zeros(1))
         register_external_parameter(leaf, extra)
@@ -306,7 +307,7 @@ def test_zero3_leaves_list_their_parameters_once_and_again_when_deepspeed_regist
         del leaf
         gc.collect()
         assert gone() is None
-        assert list_leaf_parameters_once(enabled=False)
+        assert list_parameters_once(enabled=False)
         assert coordinator.iter_params is original and parameter_offload.iter_params is original
     finally:
         coordinator.iter_params = parameter_offload.iter_params = before

@@ -58,7 +58,7 @@ def main() -> None:
     report = {"world size": env.world_size,
               "layer groups": losses(env, 0.75, EngineOverrides(layer_groups=True)),
               "scales in optimizer": losses(env, 0.75, EngineOverrides()),
-              "leaves walked": losses(env, 0.75, EngineOverrides(list_leaves_once=False)),
+              "modules walked": losses(env, 0.75, EngineOverrides(list_params_once=False)),
               "no layer decay": losses(env, 1.0, EngineOverrides()),
               "zero 0": losses(env, 0.75, EngineOverrides(zero_stage=0))}
     if env.is_main:

@@ -24,7 +24,7 @@ from mae_st.engine.fused_params import fuse_block_parameters, pack_block_stacks
 from mae_st.engine.optim import LayerScaledAdamW, build_optimizer, weight_decay_rule
 from mae_st.engine.trainer import LossFn, build_loss_fn
 from mae_st.engine.zero import (bind_lr_scales_to_partitions, gather_block_stacks_under_zero3,
-                                list_leaf_parameters_once, order_for_aligned_views)
+                                list_parameters_once, order_for_aligned_views)
 from mae_st.models import build_model
 from mae_st.models.compile import compile_blocks
 from mae_st.models.layers import Block, PackedBlock
@@ -40,7 +40,7 @@ class EngineOverrides:
 
     zero_stage: Optional[int] = None  # None: --zero_stage or the JSON's
     fuse_block_params: Optional[bool] = None  # None: RunConfig.fuse_block_params (--no_fuse_block_params)
-    compile_blocks: Optional[str] = None  # None: RunConfig.compile_blocks (--compile_blocks auto|on|off)
+    compile_blocks: Optional[str] = None  # None: RunConfig.compile_blocks (--compile_blocks auto|on|stack|off)
     # ZeRO-3 leaf modules, gathered whole: "stack" each block stack (train.py), "block" each transformer block,
     # "none" DeepSpeed's own per-layer gathers
     leaves: str = "stack"
@@ -54,8 +54,9 @@ class EngineOverrides:
     # finetuning's layer-wise lr decay as one optimizer group per layer (torch AdamW, as before 2026-12-01) instead
     # of scales inside one group per weight-decay setting (LayerScaledAdamW); other ZeRO stages always use groups
     layer_groups: bool = False
-    # ZeRO-3 leaves' parameter lists kept instead of walked at every fetch (mae_st.engine.zero; the process's setting)
-    list_leaves_once: bool = True
+    # the parameter lists of the modules ZeRO-3 walks whole (leaves, root) kept instead of walked at every fetch and
+    # step (mae_st.engine.zero; the process's setting)
+    list_params_once: bool = True
     # under ZeRO-3, each block stack's packed blocks in two tensors of the stack (False: two tensors a block, as
     # before 2026-12-01 fifth)
     pack_stacks: bool = True
@@ -84,9 +85,14 @@ def effective_config(cfg: JobConfig, overrides: EngineOverrides) -> JobConfig:
     return dataclasses.replace(cfg, run=run)
 
 
-def compiles_blocks(setting: str, env: DistEnv) -> bool:
-    """RunConfig.compile_blocks for this process: "auto" compiles on a CUDA GPU only."""
-    return setting == "on" or (setting == "auto" and env.on_gpu)
+def compile_scope(setting: str, mode: str, env: DistEnv) -> Optional[str]:
+    """RunConfig.compile_blocks for this process: None (not compiled), "block" (each block's forward) or "stack"
+    (each block stack's forward, one graph). "auto" compiles on a CUDA GPU only: whole stacks for finetuning, each
+    block for pretraining, the faster of the two for each on an H200 (docs/performance.md, 2026-12-01 sixth:
+    stacks 1.01-1.02x ViT-H/14 and 1.10x ViT-B/16 finetuning, 0.91x the 16-clip ViT-H/14 pretraining step)."""
+    if setting == "auto":
+        return ("stack" if mode == "finetune" else "block") if env.on_gpu else None
+    return {"on": "block", "stack": "stack", "off": None}[setting]
 
 
 def build_ds_config(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = EngineOverrides()) -> Dict[str, Any]:
@@ -112,7 +118,7 @@ def build_train_model(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides =
                       pack_stacks: bool = False) -> nn.Module:
     """The model as the engine gets it: seeded init on the rank's device, `load_weights` (pretrained weights)
     applied, blocks packed unless turned off (with `pack_stacks`, each block stack's blocks into two tensors of
-    the stack), then each block's forward compiled where RunConfig.compile_blocks says so."""
+    the stack), then the blocks compiled where RunConfig.compile_blocks says so."""
     cfg = effective_config(cfg, overrides)
     seed_model_init(cfg.run.seed)
     with torch.device(env.device):  # initialising ViT-H on the GPU takes seconds, on the CPU minutes
@@ -124,9 +130,11 @@ def build_train_model(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides =
         log.info("packed the parameters of %d transformer blocks into 2 tensors each", packed)
         if pack_stacks:
             log.info("packed the blocks of %d block stacks into 2 tensors each", pack_block_stacks(model))
-    if compiles_blocks(cfg.run.compile_blocks, env):
-        log.info("compiling the forward of %d transformer blocks (torch.compile, one shared graph; "
-                 "--compile_blocks off turns it off)", compile_blocks(model))
+    scope = compile_scope(cfg.run.compile_blocks, cfg.run.mode, env)
+    if scope is not None:
+        log.info("compiling the forward of %d transformer blocks (torch.compile, %s; --compile_blocks off turns it "
+                 "off)", compile_blocks(model, whole_stacks=scope == "stack"),
+                 "each block stack as one graph" if scope == "stack" else "one graph shared by the blocks")
     return model
 
 
@@ -154,7 +162,7 @@ def build_engine(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = Engi
         gather_block_stacks_under_zero3(model, ds_config)
     elif overrides.leaves == "block" and stage == 3:
         set_z3_leaf_modules(model, [Block, PackedBlock])
-    if stage == 3 and not list_leaf_parameters_once(overrides.list_leaves_once) and overrides.list_leaves_once:
+    if stage == 3 and not list_parameters_once(overrides.list_params_once) and overrides.list_params_once:
         log.warning("DeepSpeed %s has no iter_params to wrap: ZeRO-3 walks each leaf's modules at every fetch",
                     deepspeed.__version__)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)

@@ -9,6 +9,7 @@ import random
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import deepspeed
 import numpy as np
@@ -122,6 +123,40 @@ def any_rank(flags: torch.Tensor) -> torch.Tensor:
     flags = flags.float()
     deepspeed.comm.all_reduce(flags, op=deepspeed.comm.ReduceOp.MAX)
     return flags > 0
+
+
+class DeferredAnyRank:
+    """`any_rank` of one flag a call, without the host waiting for the GPU: each call reduces its flag on the device
+    and copies the result to host memory behind an event, and returns the previous call's result (False at the
+    first). All ranks must call it at the same steps; they then agree at the same step, one late."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pending: Optional[Tuple[torch.Tensor, Optional[torch.cuda.Event]]] = None
+
+    def __call__(self, flag: bool) -> bool:
+        previous = self._collect()
+        local = torch.zeros(1, device=self.device)
+        if flag:
+            local.fill_(1.0)  # a kernel, where a tensor made from the host value would be a synchronous copy
+        agreed = any_rank(local)
+        if self.device.type == "cuda":
+            host = torch.empty(1, dtype=torch.bool, pin_memory=True)
+            host.copy_(agreed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending = (host, event)
+        else:
+            self.pending = (agreed, None)
+        return previous
+
+    def _collect(self) -> bool:
+        if self.pending is None:
+            return False
+        host, event = self.pending
+        if event is not None:
+            event.synchronize()  # the previous step's end: the GPU has the current step queued behind it
+        return bool(host[0])
 
 
 def barrier() -> None:

@@ -24,7 +24,7 @@ from mae_st.config import JobConfig
 from mae_st.data.augment import BatchTransform
 from mae_st.data.views import MultiViewAggregator
 from mae_st.engine.checkpoint import save_checkpoint
-from mae_st.engine.distributed import DistEnv, any_rank, seed_step
+from mae_st.engine.distributed import DeferredAnyRank, DistEnv, any_rank, seed_step
 from mae_st.engine.metrics import IntervalMeter, RunLogger
 from mae_st.engine.schedule import apply_lr, lr_at
 
@@ -63,7 +63,8 @@ class TrainState:
 
 
 class StopSignal:
-    """Remembers a SIGTERM so the loop can checkpoint at the next optimizer step instead of dying mid-save."""
+    """Remembers a SIGTERM so the loop can checkpoint at the next optimizer step instead of dying mid-save. This is
+    the rank's own request; the Trainer stops when the ranks have agreed on it (`Trainer.stopping`)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -72,6 +73,21 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         log.warning("SIGTERM received: saving a checkpoint at the next optimizer step, then stopping")
         self.requested = True
+
+
+def engine_skips_nonfinite_steps(engine) -> bool:
+    """Whether `engine.step()` itself skips, on every rank, a step whose gradients are not finite. ZeRO-3's step
+    checks the global gradient norm (all-reduced) and skips the update when it is NaN/inf (deepspeed stage3.py
+    `step`: `is_invalid_grad_norm`); with one micro-step an optimizer step, that is the skip of one non-finite
+    loss. Other stages (stage 1/2 with bf16 does not check) and gradient accumulation (a skip would drop the
+    other micro-steps' gradients too) keep the check before backward."""
+    return engine.zero_optimization_stage() == 3 and engine.gradient_accumulation_steps() == 1
+
+
+def nan_unless_finite(loss: torch.Tensor) -> torch.Tensor:
+    """`loss` unchanged if finite, else with NaN gradients for every parameter it reaches (NaN * 0 is NaN), so the
+    engine's gradient-norm check is sure to skip the step. Computed on the device: no host sync."""
+    return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
 
 
 def build_loss_fn(mode: str, smoothing: float) -> LossFn:
@@ -93,10 +109,16 @@ class Trainer:
 
     def __init__(self, engine, cfg: JobConfig, env: DistEnv, loss_fn: LossFn, logger: RunLogger,
                  peak_lr: float, steps_per_epoch: int, stop: StopSignal,
-                 batch_transform: Optional[BatchTransform] = None):
+                 batch_transform: Optional[BatchTransform] = None, check_loss_first: Optional[bool] = None):
         self.engine, self.cfg, self.env, self.loss_fn, self.logger = engine, cfg, env, loss_fn, logger
         self.batch_transform = batch_transform
         self.peak_lr, self.steps_per_epoch, self.stop = peak_lr, steps_per_epoch, stop
+        # None: check the loss on the host before backward only where the engine does not skip non-finite steps
+        # itself; True is the check everywhere (a benchmark's A/B: it costs a host sync a step)
+        self.check_loss_first = (not engine_skips_nonfinite_steps(engine) if check_loss_first is None
+                                 else check_loss_first)
+        self.stop_votes = DeferredAnyRank(env.device)
+        self.stopping = False  # all ranks agreed to stop: some rank was SIGTERMed
         self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
         self.nonfinite_streak = 0
         self.save_pending = False
@@ -160,20 +182,33 @@ class Trainer:
         return lr
 
     def _micro_step(self, clips: torch.Tensor, targets: torch.Tensor, state: TrainState) -> Optional[torch.Tensor]:
-        """Forward, then backward + step unless any rank's loss is non-finite; returns the detached loss where it
-        was computed (None if skipped). It is read on the host only at log intervals (IntervalMeter): a `.item()`
-        per step would make the host wait for the GPU to finish the step before launching the next one."""
+        """Forward, backward and step unless any rank's loss is non-finite; returns the detached loss where the
+        step was taken (None if skipped). The loss is read on the host only at log intervals (IntervalMeter): a
+        `.item()` per step would make the host wait for the GPU to finish the step before launching the next one.
+        Where the engine skips non-finite steps itself (ZeRO-3), nothing here waits for the GPU: whether the step
+        was skipped comes from the engine's own norm check, and the ranks' stop votes arrive a step late."""
         loss = self.loss_fn(self.engine, clips.to(self.dtype), targets)
-        # The step's one host sync: whether any rank's loss is non-finite decides whether backward runs. The flags
-        # are written on the device (a host tensor copied there would sync once more), reduced in one all-reduce
-        # and read in one go.
+        if self.check_loss_first:
+            return self._step_if_finite(loss, state)
+        self.engine.backward(nan_unless_finite(loss))
+        self.engine.step()
+        self.stopping = self.stop_votes(self.stop.requested) or self.stopping
+        if not self.engine.was_step_applied():
+            self._count_nonfinite(state)
+            return None
+        self.nonfinite_streak = 0
+        return loss.detach()
+
+    def _step_if_finite(self, loss: torch.Tensor, state: TrainState) -> Optional[torch.Tensor]:
+        """Backward and step after every rank's loss was found finite on the host: one sync a step. The flags are
+        written on the device (a host tensor copied there would sync once more), reduced in one all-reduce and
+        read in one go."""
         flags = loss.new_zeros(2, dtype=torch.float32)
         flags[0] = ~torch.isfinite(loss.detach())
         if self.stop.requested:
             flags[1] = 1.0
         nonfinite, stop = any_rank(flags).tolist()
-        if stop:
-            self.stop.requested = True  # one rank was signalled: all of them stop together
+        self.stopping = self.stopping or bool(stop)  # one rank was signalled: all of them stop together
         if nonfinite:
             # with ZeRO the step is collective: skipping backward and step on every rank keeps them in lockstep
             self._count_nonfinite(state)
@@ -186,7 +221,7 @@ class Trainer:
     def _count_nonfinite(self, state: TrainState) -> None:
         state.skipped_steps += 1
         self.nonfinite_streak += 1
-        log.warning("non-finite loss at step %d (epoch %d): skipped (%d in a row, %d in total)",
+        log.warning("non-finite loss or gradients at step %d (epoch %d): skipped (%d in a row, %d in total)",
                     state.global_step, state.epoch, self.nonfinite_streak, state.skipped_steps)
         if self.nonfinite_streak > self.cfg.run.max_nonfinite_steps:
             raise NonFiniteLossError(
@@ -206,12 +241,12 @@ class Trainer:
     def _save_if_due(self, state: TrainState) -> None:
         """Saves when a save is due or SIGTERM arrived, but only between optimizer steps: DeepSpeed does not
         checkpoint a half-accumulated gradient."""
-        if not (self.save_pending or self.stop.requested) or not self._at_optimizer_boundary():
+        if not (self.save_pending or self.stopping) or not self._at_optimizer_boundary():
             return
         save_checkpoint(self.engine, self.cfg.run.output_dir, state.global_step, self.client_state(state),
                         self.cfg.run.keep_checkpoints, self.env.is_main)
         self.save_pending = False
-        if self.stop.requested:
+        if self.stopping:
             log.warning("stopped by SIGTERM after saving step %d; continue with --resume auto", state.global_step)
             raise RunStopped()
 

@@ -1,5 +1,5 @@
-"""ZeRO set-up that DeepSpeed's JSON cannot express: block-stack leaves (their parameters listed once) and an
-aligned parameter layout."""
+"""ZeRO set-up that DeepSpeed's JSON cannot express: block-stack leaves, parameter lists DeepSpeed walks kept, and
+an aligned parameter layout."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from deepspeed.utils import set_z3_leaf_modules, z3_leaf_module
+from deepspeed.utils import set_z3_leaf_modules
 
 from mae_st.engine.optim import LayerScaledAdamW
 from mae_st.models.layers import PACK_ALIGN, BlockStack, PackedBlock
@@ -29,25 +29,27 @@ def gather_block_stacks_under_zero3(model: nn.Module, ds_config: Dict[str, Any])
         set_z3_leaf_modules(model, [BlockStack])
 
 
-# each ZeRO-3 leaf module's parameters, listed once; weak, so engines built and destroyed in one process (the
-# benchmarks, the tests) neither keep their modules alive nor hand a new module an old one's list
-_LEAF_PARAMETERS: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, Tuple[nn.Parameter, ...]]]" = \
+# the parameters of each module DeepSpeed walks whole (ZeRO-3 leaves, the engine's root), listed once; weak, so
+# engines built and destroyed in one process (the benchmarks, the tests) neither keep their modules alive nor hand
+# a new module an old one's list
+_LISTED_PARAMETERS: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, Tuple[nn.Parameter, ...]]]" = \
     weakref.WeakKeyDictionary()
 
 
-def list_leaf_parameters_once(enabled: bool = True) -> bool:
-    """Makes DeepSpeed list each ZeRO-3 leaf module's parameters once instead of at every fetch and release
-    (`enabled=False` puts DeepSpeed's own function back). The setting is the process's, not one engine's.
+def list_parameters_once(enabled: bool = True) -> bool:
+    """Makes DeepSpeed list the parameters of each module it walks whole (`iter_params(module, recurse=True)`: each
+    ZeRO-3 leaf at every fetch, release and backward hook, the engine's root three times an optimizer step) once,
+    instead of walking the module's subtree every time (`enabled=False` puts DeepSpeed's own function back). The
+    setting is the process's, not one engine's.
 
-    Why: DeepSpeed's `iter_params(module, recurse=True)` (partitioned_param_coordinator.py, imported by name into
-    parameter_offload.py) runs at each fetch, release and backward hook of a leaf and walks the leaf's whole
-    subtree: ViT-H/14's encoder stack is 545 modules, and a 16-clip pretraining step walked 8,683 modules (its
-    cProfile). That host time is what the reference recipe's 16-clip pretraining step waits on. A leaf's
-    parameters are fixed once its engine is built (ZeRO-3 converts them at initialisation), so the list is kept,
-    and made again if DeepSpeed registers an external parameter on the leaf. On one H200, one engine, alternating
-    blocks of steps: ViT-H/14 pretraining at 16 clips 0.1186 -> 0.1074 s/step (0.906x) once, 0.98-1.09x in four
-    later A/Bs, so the gain is unproven (docs/performance.md). Calls for other modules, or without recurse, go to
-    DeepSpeed's function.
+    Why: ViT-H/14's encoder stack is 545 modules, and a 16-clip pretraining step walked 8,683 modules (its
+    cProfile); with packed block stacks the model has 23 parameter tensors but still ~600 modules, and the root's
+    walks (`partition_all_parameters`, `release_and_reset_all`) run on the host while the GPU waits for the
+    optimizer step. A module's parameters are fixed once its engine is built (ZeRO-3 converts them at
+    initialisation and would not partition one added later), so the list is kept, and made again if DeepSpeed
+    registers an external parameter on the module. With packed block stacks on one H200, walking them again ran
+    the 16-clip ViT-H/14 pretraining step at 0.83x (`profile_step.py` variant `z3-walkleaves`, docs/performance.md).
+    Calls without recurse go to DeepSpeed's function.
 
     Returns False, changing nothing, when this DeepSpeed has no such function in both modules.
     """
@@ -64,12 +66,12 @@ def list_leaf_parameters_once(enabled: bool = True) -> bool:
         return True  # already on
 
     def iter_params(module: nn.Module, recurse: bool = False):
-        if not (recurse and z3_leaf_module(module)):
+        if not recurse:
             return original(module, recurse)
         external = tuple(getattr(module, "_external_params", ()))  # ids DeepSpeed registers at run time, if any
-        listed = _LEAF_PARAMETERS.get(module)
+        listed = _LISTED_PARAMETERS.get(module)
         if listed is None or listed[0] != external:
-            listed = _LEAF_PARAMETERS[module] = (external, tuple(original(module, recurse=True)))
+            listed = _LISTED_PARAMETERS[module] = (external, tuple(original(module, recurse=True)))
         return iter(listed[1])
 
     iter_params.deepspeed_iter_params = original

@@ -1,10 +1,13 @@
-"""torch.compile of each transformer block's forward, one graph shared by every block.
+"""torch.compile of the transformer blocks: each block's forward (one graph shared by every block), or each block
+stack's forward (its blocks unrolled into one graph).
 
 Why: at MAE-ST's few visible tokens a block's step is mostly kernel launches (layer norms, GELU, residual adds,
-drop path around the GEMMs); compiled, a block launches fewer, larger kernels. The compiled region is the block's
-forward alone, so DeepSpeed's hooks on the block stacks (ZeRO-3 fetch and release, gradient bookkeeping) stay
-outside it, eager. On an H200 the compiled ZeRO-3 step ran 1.03-1.12x the uncompiled one in five measurements
-(ViT-H/14 pretraining at 16 and 64 clips, finetuning at 8, ViT-B/16 finetuning; docs/performance.md, 2026-12-01).
+drop path around the GEMMs); compiled, a block launches fewer, larger kernels. The compiled region is a forward
+inside a ZeRO-3 leaf, so DeepSpeed's hooks on the block stacks (fetch and release, gradient bookkeeping) stay
+outside it, eager. On an H200 the per-block compiled ZeRO-3 step ran 1.03-1.12x the uncompiled one in five
+measurements (docs/performance.md, 2026-12-01 fifth). A whole stack is one compiled call and one autograd node
+instead of one a block: 1.01-1.02x the per-block step for ViT-H/14 finetuning and 1.10x for ViT-B/16, but 0.91x
+for 16-clip ViT-H/14 pretraining, and its first step compiles for about a minute (2026-12-01 sixth).
 
 timm's DropPath keeps its rate as a Python float, which torch.compile specialises on: the finetuning model's blocks
 (rates 0 .. drop_path_rate) would each compile their own graph, past dynamo's recompile limit (8), after which the
@@ -19,7 +22,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from mae_st.models.layers import Block, PackedBlock
+from mae_st.models.layers import Block, BlockStack, PackedBlock
 
 __all__ = ["BufferedDropPath", "compile_blocks", "transformer_blocks"]
 
@@ -45,9 +48,11 @@ def transformer_blocks(model: nn.Module) -> Iterator[nn.Module]:
     return (m for m in model.modules() if isinstance(m, (Block, PackedBlock)))
 
 
-def compile_blocks(model: nn.Module) -> int:
+def compile_blocks(model: nn.Module, whole_stacks: bool = False) -> int:
     """Compiles the forward of every transformer block of `model` (after packing, so the packed math is what is
-    compiled); drop paths become `BufferedDropPath`s. Returns the number of blocks compiled."""
+    compiled); drop paths become `BufferedDropPath`s. `whole_stacks` compiles each BlockStack's forward instead,
+    its blocks unrolled into one graph (one compiled call a stack instead of one a block). Returns the number of
+    blocks compiled."""
     blocks = list(transformer_blocks(model))
     if not blocks:
         return 0
@@ -55,6 +60,10 @@ def compile_blocks(model: nn.Module) -> int:
     if any(not isinstance(block.drop_path, nn.Identity) for block in blocks):
         for block in blocks:
             block.drop_path = BufferedDropPath(getattr(block.drop_path, "drop_prob", 0.0), device)
+    if whole_stacks:
+        for stack in (m for m in model.modules() if isinstance(m, BlockStack)):
+            stack.forward = torch.compile(stack.forward)
+        return len(blocks)
     for block in blocks:
         block.forward = torch.compile(block.forward)
     return len(blocks)
