@@ -322,19 +322,23 @@ def test_a_flat_tensor_bound_by_ranges_updates_like_its_parts():
         LayerScaledAdamW([{"params": [flat]}], scales).step()
 
 
+def two_rank_report(script: str, tmp_path: Path, port_offset: int) -> dict:
+    """Runs `script` on 2 CPU ranks through the deepspeed launcher; returns the JSON report its rank 0 wrote."""
+    from tests.test_train import ROOT, VENV_BIN, launch_env
+
+    out = tmp_path / "report.json"
+    port = str(29500 + (os.getpid() + port_offset) % 1000)
+    done = subprocess.run([os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", "2", "--master_port", port, script,
+                           str(out)], cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def test_zero3_finetuning_with_scales_in_the_optimizer_matches_per_layer_groups(tmp_path):
     """Real ZeRO-3 engines on 2 CPU ranks (each parameter partitioned in halves): layer decay as scales bound to
     DeepSpeed's flat partitions gives the losses of one torch AdamW group per layer, with 2 groups instead of one
     per layer and weight-decay setting; ZeRO-0 keeps the per-layer groups (README)."""
-    from tests.test_train import ROOT, VENV_BIN, launch_env
-
-    out = tmp_path / "report.json"
-    port = str(29500 + (os.getpid() + 7) % 1000)
-    done = subprocess.run([os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", "2", "--master_port", port,
-                           "tests/zero3_layer_decay.py", str(out)], cwd=ROOT, env=launch_env(), capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = two_rank_report("tests/zero3_layer_decay.py", tmp_path, port_offset=7)
     groups, scales, walked, control, zero0 = (report[k] for k in ("layer groups", "scales in optimizer",
                                                                    "modules walked", "no layer decay", "zero 0"))
     assert walked["losses"] == scales["losses"]  # the kept lists fetch and release exactly what the walk does
@@ -367,15 +371,7 @@ def test_a_nan_loss_on_one_zero3_rank_is_skipped_on_both_and_a_sigterm_stops_bot
     the step is skipped and counted on every rank, and the next steps' losses are those of a run that never met
     the bad batch. train.py's ZeRO-3 default leaves the skip to the engine's gradient-norm check (no host sync
     before backward) and agrees on a SIGTERM of one rank a step later; the host check (other stages) at once."""
-    from tests.test_train import ROOT, VENV_BIN, launch_env
-
-    out = tmp_path / "report.json"
-    port = str(29500 + (os.getpid() + 13) % 1000)
-    done = subprocess.run([os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", "2", "--master_port", port,
-                           "tests/zero3_skip_and_stop.py", str(out)], cwd=ROOT, env=launch_env(), capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = two_rank_report("tests/zero3_skip_and_stop.py", tmp_path, port_offset=13)
     assert report["world size"] == 2
     clean = report["without the bad batch"]["ranks"][0]["losses"]
     for way, first, stops_at in (("engine check", False, 3), ("host check", True, 2)):

@@ -1,6 +1,6 @@
 """Run by tests/test_engine.py through the deepspeed launcher on 2 CPU ranks: finetuning steps of real ZeRO-3
 engines whose layer-wise lr decay is per-layer optimizer groups (torch AdamW) or scales bound to DeepSpeed's flat
-partitions (LayerScaledAdamW), the latter with DeepSpeed walking each leaf's modules at every fetch instead of
+partitions (LayerScaledAdamW), the latter with DeepSpeed walking each leaf's and the root's modules instead of
 the lists mae_st.engine.zero keeps, a control without layer decay, and a ZeRO-0 engine (which keeps the groups). Rank 0
 writes every variant's losses and the number of optimizer groups to the JSON path given as the only argument."""
 
@@ -53,20 +53,26 @@ def losses(env, layer_decay: float, overrides: EngineOverrides) -> dict:
     return {"losses": out, "optimizer groups": len(inner.param_groups), "optimizer": type(inner).__name__}
 
 
-def main() -> None:
+def write_rank0_report(make_report) -> None:
+    """Starts the launcher's world, has every rank build `make_report(env)`, and rank 0 write it as JSON to the path
+    given as the script's only argument."""
     env = init_distributed()
-    report = {"world size": env.world_size,
-              "layer groups": losses(env, 0.75, EngineOverrides(layer_groups=True)),
-              "scales in optimizer": losses(env, 0.75, EngineOverrides()),
-              "modules walked": losses(env, 0.75, EngineOverrides(list_params_once=False)),
-              "no layer decay": losses(env, 1.0, EngineOverrides()),
-              "zero 0": losses(env, 0.75, EngineOverrides(zero_stage=0))}
+    report = make_report(env)
     if env.is_main:
         out = next(arg for arg in sys.argv[1:] if not arg.startswith("--"))  # the launcher adds --local_rank=N
         Path(out).write_text(json.dumps(report))
     shutdown_distributed()
 
 
+def layer_decay_report(env) -> dict:
+    return {"world size": env.world_size,
+            "layer groups": losses(env, 0.75, EngineOverrides(layer_groups=True)),
+            "scales in optimizer": losses(env, 0.75, EngineOverrides()),
+            "modules walked": losses(env, 0.75, EngineOverrides(list_params_once=False)),
+            "no layer decay": losses(env, 1.0, EngineOverrides()),
+            "zero 0": losses(env, 0.75, EngineOverrides(zero_stage=0))}
+
+
 if __name__ == "__main__":
-    main()
+    write_rank0_report(layer_decay_report)
     exit_without_native_teardown()  # as train.py ends: a rank sometimes aborted in the comm stack's teardown

@@ -5,7 +5,6 @@ way, every rank's step results and when each rank agreed to stop, to the JSON pa
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -16,11 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mae_st.config import JobConfig  # noqa: E402
 from mae_st.engine.build import build_engine  # noqa: E402
-from mae_st.engine.distributed import (exit_without_native_teardown, init_distributed,  # noqa: E402
-                                       shutdown_distributed)
+from mae_st.engine.distributed import exit_without_native_teardown  # noqa: E402
 from mae_st.engine.metrics import RunLogger  # noqa: E402
 from mae_st.engine.schedule import apply_lr  # noqa: E402
 from mae_st.engine.trainer import StopSignal, Trainer, TrainState  # noqa: E402
+from tests.zero3_layer_decay import write_rank0_report  # noqa: E402
 
 NAN_STEP, STOP_STEP = 1, 2  # rank 1's batch at NAN_STEP is NaN; rank 1 is signalled before STOP_STEP
 
@@ -66,18 +65,13 @@ def run(env, check_loss_first, with_nan: bool) -> dict:
     return {"ranks": gathered}
 
 
-def main() -> None:
-    env = init_distributed()
-    report = {"world size": env.world_size,
-              "engine check": run(env, None, with_nan=True),
-              "host check": run(env, True, with_nan=True),
-              "without the bad batch": run(env, None, with_nan=False)}
-    if env.is_main:
-        out = next(arg for arg in sys.argv[1:] if not arg.startswith("--"))  # the launcher adds --local_rank=N
-        Path(out).write_text(json.dumps(report))
-    shutdown_distributed()
+def skip_and_stop_report(env) -> dict:
+    return {"world size": env.world_size,
+            "engine check": run(env, None, with_nan=True),
+            "host check": run(env, True, with_nan=True),
+            "without the bad batch": run(env, None, with_nan=False)}
 
 
 if __name__ == "__main__":
-    main()
+    write_rank0_report(skip_and_stop_report)
     exit_without_native_teardown()
