@@ -127,8 +127,9 @@ class LayerScaledAdamW(torch.optim.Optimizer):
 
     `scales` maps the model's parameters to their scale (or ranges of scales, `LrScale`). A tensor the optimizer is
     handed that is not one of them (DeepSpeed ZeRO-3 hands it one flat fp32 partition per group) must be described
-    first by `bind_flat`: which element ranges of it belong to which scale. Each step runs one fused AdamW kernel per distinct scale over
-    views of those ranges, with lr = group lr * scale, so the update is what a group per scale would get.
+    first by `bind_flat`: which element ranges of it belong to which scale. Each step runs one fused AdamW kernel
+    per distinct scale over views of those ranges, with lr = group lr * scale, so the update is what a group per
+    scale would get.
     """
 
     def __init__(self, param_groups: List[Dict], scales: Dict[nn.Parameter, LrScale],

@@ -60,10 +60,7 @@ def compile_blocks(model: nn.Module, whole_stacks: bool = False) -> int:
     if any(not isinstance(block.drop_path, nn.Identity) for block in blocks):
         for block in blocks:
             block.drop_path = BufferedDropPath(getattr(block.drop_path, "drop_prob", 0.0), device)
-    if whole_stacks:
-        for stack in (m for m in model.modules() if isinstance(m, BlockStack)):
-            stack.forward = torch.compile(stack.forward)
-        return len(blocks)
-    for block in blocks:
-        block.forward = torch.compile(block.forward)
+    compiled = [m for m in model.modules() if isinstance(m, BlockStack)] if whole_stacks else blocks
+    for module in compiled:
+        module.forward = torch.compile(module.forward)
     return len(blocks)
