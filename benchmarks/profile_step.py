@@ -16,10 +16,12 @@ EngineOverrides naming what differs (`--list` prints them), and its step is the 
 backward, step, the ranks' SIGTERM vote; `z3-presync` checks the loss on the host before backward, as train.py did
 before). `eager` is PyTorch alone: the same model init, bf16 autocast over fp32 weights, fused AdamW, no DeepSpeed;
 the reference for what the model costs, and `x eager` divides each row's clips/s by it, measured in the same run.
+`--clip_grad X` clips every variant's gradients as the recipes do (eager with torch's clip_grad_norm_, engines with
+DeepSpeed's gradient_clipping); without it nothing is clipped, as in every figure in docs/performance.md so far.
 MFU divides the matmul FLOPs (benchmarks/flops.py) by a bf16 8192^3 matmul measured at start. After the timed steps
 a short torch.profiler window names the step's top GEMM kernels and counts its host syncs (cudaStreamSynchronize /
-cudaDeviceSynchronize); on a GPU it also gives the kernel time per step and the largest kernels, which tell a
-GPU-bound step from a host-bound one.
+cudaDeviceSynchronize) and the aten ops it calls (the host's work, countable on a CPU too); on a GPU it also gives
+the kernel time per step and the largest kernels, which tell a GPU-bound step from a host-bound one.
 
 Host-bound steps (the 16-clip pretraining step, ViT-B/16) need care: in one process a variant slows the ones after
 it (eager measured after z3 took up to 1.4x its time on an H200, docs/performance.md). `--isolate` runs each
@@ -117,6 +119,8 @@ VARIANTS: Dict[str, Variant] = {
                       EngineOverrides(memory_efficient_linear=True)),
     "z3-walkleaves": Variant("z3 with DeepSpeed walking each leaf's and the root's modules at every fetch, release "
                              "and step (as before 2026-12-01 fourth)", EngineOverrides(list_params_once=False)),
+    "z3-dsnorm": Variant("z3 with DeepSpeed's own gradient-norm loop (fp64 copies, a host sync a group)",
+                         EngineOverrides(device_grad_norm=False)),
     "z3-persist": Variant("z3 with every parameter kept gathered", EngineOverrides(zero=PERSIST_ALL)),
     "z3-nooverlap": Variant("z3 with overlap_comm off: ZeRO-3's gathers and reductions on the compute stream (one "
                             "GPU has nothing to overlap)", EngineOverrides(zero={"overlap_comm": False})),
@@ -146,10 +150,11 @@ TINY_MODELS = {"pretrain": "mae_vit_tiny_patch8", "finetune": "vit_tiny_patch8"}
 
 # Configs and steps -----------------------------------------------------------------------------------------------
 
-def job_config(mode: str, model: str, clips: int, tiny: bool) -> JobConfig:
+def job_config(mode: str, model: str, clips: int, tiny: bool, clip_grad: Optional[float] = None) -> JobConfig:
     """train.py's config for `clips` clips a step: pretraining cuts them from one video, finetuning one each."""
     cfg = JobConfig()
     cfg.run.mode, cfg.model.name = mode, model
+    cfg.optim.clip_grad = clip_grad
     if mode == "pretrain":
         cfg.data.batch_size_per_gpu, cfg.data.repeat_aug = 1, clips
     else:
@@ -181,6 +186,8 @@ def make_step(variant: Variant, cfg: JobConfig, env, lr: float):
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.on_gpu):
                 loss = loss_fn(model, clips, targets)
             loss.backward()
+            if cfg.optim.clip_grad:  # as the original's loss scaler does before its step
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad, foreach=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return loss.detach()
@@ -278,8 +285,11 @@ def profile_window(step, clips, targets, device, steps: int = 2) -> dict:
         sync(device)
     averages = prof.key_averages()
     syncs = sum(e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+    # the host's work in ops, on any device: every aten op called a step, those an op calls inside it included
+    ops = sum(e.count for e in averages if e.key.startswith("aten::"))
     row = {"gemm kernels": gemm_kernels(prof, top=3) if device.type == "cuda" else [],
-           "syncs/step": round(syncs / steps, 1), "sync sites": sync_sites(step, clips, targets, device)}
+           "syncs/step": round(syncs / steps, 1), "sync sites": sync_sites(step, clips, targets, device),
+           "aten ops/step": round(ops / steps)}
     if device.type == "cuda":  # is the step GPU-bound, and on what: kernel time a step, its largest kernels
         kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA
                    and getattr(e, "self_device_time_total", 0) > 0]  # an op's own entry repeats its kernels' time
@@ -448,8 +458,8 @@ def measure_in_child(name: str, mode: str, model: str, clips: int, args, peak: f
         passed = {"--mode": mode, "--model": model, "--clips": clips, "--variants": name, "--steps": args.steps,
                   "--warmup": args.warmup, "--profile_steps": args.profile_steps, "--lr": args.lr,
                   "--python_profile_steps": args.python_profile_steps, "--phase_steps": args.phase_steps,
-                  "--leaf_lists_ab": args.leaf_lists_ab,
-                  "--matmul_tflops": peak, "--out": out}
+                  "--leaf_lists_ab": args.leaf_lists_ab, "--matmul_tflops": peak, "--out": out,
+                  **({"--clip_grad": args.clip_grad} if args.clip_grad else {})}
         command = [sys.executable, __file__] + [str(x) for kv in passed.items() for x in kv] + \
             (["--tiny"] if args.tiny else [])
         env = {k: v for k, v in os.environ.items() if k not in WORLD_ENV}  # the child starts its own world
@@ -462,18 +472,18 @@ def measure_in_child(name: str, mode: str, model: str, clips: int, args, peak: f
 WORLD_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-COLUMNS = ("s/step", "clips/s", "x eager", "MFU %", "peak GB", "loss", "syncs/step")
+COLUMNS = ("s/step", "clips/s", "x eager", "MFU %", "peak GB", "loss", "syncs/step", "aten ops/step")
 
 
 def print_config_table(title: str, rows: List[dict]) -> None:
     print(f"\n{title}")
-    print(f"{'variant':<21}" + "".join(f"{c:>11}" for c in COLUMNS) + "  top GEMM kernel")
+    print(f"{'variant':<21}" + "".join(f"{c:>14}" for c in COLUMNS) + "  top GEMM kernel")
     for row in rows:
         if "error" in row or "skipped" in row:
             print(f"{row['variant']:<21}  {row.get('error') or row.get('skipped')}")
             continue
         kernels = row.get("gemm kernels") or ["-"]
-        print(f"{row['variant']:<21}" + "".join(f"{str(row.get(c, '-')):>11}" for c in COLUMNS) + f"  {kernels[0]}")
+        print(f"{row['variant']:<21}" + "".join(f"{str(row.get(c, '-')):>14}" for c in COLUMNS) + f"  {kernels[0]}")
     for row in rows:
         for site in row.get("sync sites") or []:
             print(f"  sync  {row['variant']:<19} {site}")
@@ -499,6 +509,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="after the timed steps of a DeepSpeed variant, this many alternating blocks of 5 steps "
                              "with ZeRO-3 leaves' parameter lists kept and walked: medians of each")
     parser.add_argument("--lr", type=float, default=1e-4, help="a small lr, so `loss` shows wrong gradients")
+    parser.add_argument("--clip_grad", type=float, default=None,
+                        help="clip the gradient norm, every variant (the recipes: 0.1 pretraining, 5.0 finetuning); "
+                             "default none, as every figure in docs/performance.md so far")
     parser.add_argument("--matmul_tflops", type=float, default=0.0, help="MFU denominator; 0 measures it")
     parser.add_argument("--budget_s", type=float, default=540.0, help="rows that would start later are skipped")
     parser.add_argument("--isolate", action="store_true",
@@ -536,7 +549,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     peak = args.matmul_tflops or matmul_tflops(device)
     header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-              "matmul TFLOP/s": round(peak, 1 if device.type == "cuda" else 4), "isolated": args.isolate}
+              "matmul TFLOP/s": round(peak, 1 if device.type == "cuda" else 4), "isolated": args.isolate,
+              "clip_grad": args.clip_grad}
     print(json.dumps(header), flush=True)
     report = {**header, "configs": []}
     for label, mode, model, clips in configs:
@@ -549,7 +563,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             if args.isolate:
                 row = measure_in_child(name, mode, model, clips, args, peak)
             else:
-                row = measure(name, job_config(mode, model, clips, args.tiny), env, args, peak, flops)
+                row = measure(name, job_config(mode, model, clips, args.tiny, args.clip_grad), env, args, peak, flops)
             cfg_rows.append(row)
             print(json.dumps({"config": label, **row}), flush=True)
         eager = next((r["clips/s"] for r in cfg_rows if r["variant"] == "eager" and "clips/s" in r), None)
@@ -559,8 +573,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         report["configs"].append({"config": label, "mode": mode, "model": model, "clips": clips, "rows": cfg_rows})
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))  # after every config: a later crash keeps these
-    print(f"\nmatmul {peak:.4g} TFLOP/s; x eager: clips/s over eager's in the same run; syncs/step in the profiler "
-          "window")
+    print(f"\nmatmul {peak:.4g} TFLOP/s; x eager: clips/s over eager's in the same run; syncs/step and aten ops/step "
+          "(nested calls counted) in the profiler window")
     for config in report["configs"]:
         print_config_table(config["config"], config["rows"])
     print(f"\nwrote {args.out} ({time.perf_counter() - started:.0f} s)")

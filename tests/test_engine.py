@@ -24,7 +24,8 @@ from mae_st.engine.optim import LayerScaledAdamW, build_param_groups, layer_id, 
 from mae_st.engine.schedule import apply_lr, base_lr, effective_batch, lr_at
 from mae_st.models import create_model
 
-PRETRAIN = ["--mode", "pretrain", "--model", "mae_vit_tiny_patch8", "--train_shards", "synthetic:8", "--num_frames", "8"]
+PRETRAIN = ["--mode", "pretrain", "--model", "mae_vit_tiny_patch8", "--train_shards", "synthetic:8",
+            "--num_frames", "8"]
 
 
 def error_line(capsys, argv) -> str:
@@ -348,6 +349,10 @@ def test_zero3_finetuning_with_scales_in_the_optimizer_matches_per_layer_groups(
     assert scales["losses"] == pytest.approx(groups["losses"], rel=1e-5)
     assert zero0["losses"] == pytest.approx(groups["losses"], rel=1e-4)  # ZeRO-0 keeps one group per layer
     assert control["losses"][1:] != pytest.approx(groups["losses"][1:], rel=1e-5)  # the scales are in effect
+    ours, theirs = report["clipped"], report["clipped, DeepSpeed's norm"]  # fp32 sums against fp64 copies
+    assert ours["grad norms"] == pytest.approx(theirs["grad norms"], rel=1e-6)
+    assert ours["losses"] == pytest.approx(theirs["losses"], rel=1e-6)
+    assert ours["losses"][1:] != pytest.approx(scales["losses"][1:], rel=1e-5)  # the clip was in effect
 
 
 def test_layer_scaled_adamw_resumes_from_its_state_dict():

@@ -83,7 +83,8 @@ def test_every_model_forward_shapes_at_paper_geometry_on_meta(name):
     if model_family(name) == "mae":
         loss, pred, mask = out
         # pred_t_dim=8 of 16 frames with t_patch 2: each token predicts 1 frame of p x p x 3 pixels
-        assert loss.shape == () and pred.shape == (2, model.num_patches, p * p * 3) and mask.shape == (2, model.num_patches)
+        assert loss.shape == () and pred.shape == (2, model.num_patches, p * p * 3)
+        assert mask.shape == (2, model.num_patches)
         assert model.token_counts().encoder == int(model.num_patches * 0.1) + 1  # default mask_ratio 0.9, cls
     else:
         assert out.shape == (2, 400)
@@ -91,7 +92,8 @@ def test_every_model_forward_shapes_at_paper_geometry_on_meta(name):
 
 def test_tiny_models_run_on_cpu():
     loss, pred, mask = tiny_mae()(clips())
-    assert torch.isfinite(loss) and pred.shape == (2, 64, 8 * 8 * 3)  # pred_t_dim 4 of 8 frames, t_patch 2: 1 frame per token and mask.shape == (2, 64)
+    # pred_t_dim 4 of 8 frames, t_patch 2: 1 frame per token
+    assert torch.isfinite(loss) and pred.shape == (2, 64, 8 * 8 * 3) and mask.shape == (2, 64)
     assert tiny_vit()(clips()).shape == (2, 5)
 
 
@@ -149,7 +151,8 @@ def test_masking_keeps_exactly_the_lowest_noise_tokens(mask_ratio):
     assert model.len_keep(mask_ratio) == len_keep
 
 
-def reference_loss(model: MaskedAutoencoderViT, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def reference_loss(model: MaskedAutoencoderViT, x: torch.Tensor, pred: torch.Tensor,
+                   mask: torch.Tensor) -> torch.Tensor:
     """Mean over masked patches of the per-patch MSE, computed without the model's own target code."""
     frames = x[:, :, torch.linspace(0, x.shape[2] - 1, model.pred_t_dim).long()]
     n, c, t, h, w = frames.shape
@@ -201,6 +204,22 @@ def test_patchify_round_trips_and_keeps_no_state():
     assert frames.shape == (2, 3, 4, 32, 32)
     assert torch.equal(model.unpatchify(model.patchify(frames)), frames)
     assert not hasattr(model, "patch_info")
+
+
+def test_target_frames_are_the_originals_from_an_index_made_once():
+    """The original picks torch.linspace(0, T - 1, pred_t_dim).long() frames at every step; the index is made once
+    per clip length and device (a CPU index copied at every step synchronised with the GPU), outside the state
+    dict and its parameter names."""
+    model = tiny_mae()  # pred_t_dim 4 of 8 frames
+    x = clips()
+    assert torch.equal(model.target_frames(x), x[:, :, [0, 2, 4, 7]])  # linspace(0, 7, 4) = 0, 2.33, 4.67, 7
+    index = model._frame_indexes[(8, x.device)]
+    model(x)
+    assert model._frame_indexes[(8, x.device)] is index
+    longer = clips(frames=16)  # another clip length: its own index
+    assert torch.equal(model.target_frames(longer), longer[:, :, [0, 5, 10, 15]])
+    assert set(model.state_dict()) == set(tiny_mae().state_dict())
+    assert not list(model.buffers())
 
 
 @pytest.mark.parametrize("sep_pos_embed, cls_embed", [(True, True), (False, False), (False, True)])

@@ -24,7 +24,7 @@ from mae_st.engine.fused_params import fuse_block_parameters, pack_block_stacks
 from mae_st.engine.optim import LayerScaledAdamW, build_optimizer, weight_decay_rule
 from mae_st.engine.trainer import LossFn, build_loss_fn
 from mae_st.engine.zero import (bind_lr_scales_to_partitions, gather_block_stacks_under_zero3,
-                                list_parameters_once, order_for_aligned_views)
+                                list_parameters_once, order_for_aligned_views, take_grad_norms_on_device)
 from mae_st.models import build_model
 from mae_st.models.compile import compile_blocks
 from mae_st.models.layers import Block, PackedBlock
@@ -60,6 +60,9 @@ class EngineOverrides:
     # under ZeRO-3, each block stack's packed blocks in two tensors of the stack (False: two tensors a block, as
     # before 2026-12-01 fifth)
     pack_stacks: bool = True
+    # ZeRO-3's gradient norm in one fp32-accumulated kernel, no fp64 copies or host syncs (mae_st.engine.zero); False
+    # is DeepSpeed's own loop
+    device_grad_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.leaves not in LEAVES:
@@ -167,6 +170,8 @@ def build_engine(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = Engi
                     deepspeed.__version__)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     bind_lr_scales_to_partitions(engine.optimizer)
+    if stage == 3 and overrides.device_grad_norm and not take_grad_norms_on_device(engine.optimizer):
+        log.info("ZeRO-3 takes its gradient norm with DeepSpeed's own loop (offload, Muon or model parallelism)")
     return BuiltEngine(model=engine.module, engine=engine, ds_config=ds_config, dtype=dtype,
                        loss_fn=build_loss_fn(cfg.run.mode, cfg.data.smoothing))
 

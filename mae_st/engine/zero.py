@@ -79,6 +79,43 @@ def list_parameters_once(enabled: bool = True) -> bool:
     return True
 
 
+def take_grad_norms_on_device(zero_optimizer: Any) -> bool:
+    """Makes a ZeRO-3 optimizer take its gradient norm per group with one `torch._foreach_norm` (fp32 accumulation)
+    instead of DeepSpeed's loop (stage3.py `get_grad_norm_direct`), for the plain data-parallel case only; returns
+    whether it did. The result is DeepSpeed's: the global L2 norm of this group's gradients over the partition
+    group's ranks (all-reduced), -1 where it is NaN/inf (what `step` skips on).
+
+    Why: DeepSpeed's loop copies every gradient partition to fp64 before its norm (8 bytes written and read again
+    a parameter, a step), launches four kernels a tensor, and its `torch.tensor(-1.0, device=...)` is a copy from
+    the host that waits for the GPU, once a group; all while the step has nothing else queued on the GPU. The
+    per-tensor norms here are fp32 reductions (torch's clip_grad_norm_ accumulates so too), summed in fp64. CPU
+    offload, Muon, model and expert parallelism keep DeepSpeed's own function, which knows their rules.
+    Measured on the CPU only so far (2 ranks: the norms and losses of DeepSpeed's loop to 1e-6,
+    tests/test_engine.py); `profile_step.py` variant `z3-dsnorm` is DeepSpeed's loop, for the GPU's A/B.
+    """
+    if (getattr(zero_optimizer, "offload_optimizer", True) or getattr(zero_optimizer, "use_muon", False)
+            or getattr(zero_optimizer, "model_parallel_group", None) is not None
+            or not hasattr(zero_optimizer, "get_grad_norm_direct")):
+        return False
+    from deepspeed.runtime.zero.utils import get_norm_dtype
+
+    def grad_norm(gradients: List[torch.Tensor], params: List[nn.Parameter], norm_type: float = 2) -> torch.Tensor:
+        if (not gradients or float(norm_type) != 2.0
+                or zero_optimizer._autoep_expert_parallel_group(params) is not None):
+            return deepspeed_grad_norm(gradients, params, norm_type)
+        zero_optimizer._assert_same_partition_group(params)
+        norms = torch._foreach_norm(gradients, 2, dtype=torch.float32)
+        squared = torch.stack(norms).to(get_norm_dtype()).square().sum()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(squared, group=zero_optimizer._get_param_partition_group(params[0]))
+        norm = squared.sqrt()
+        return torch.where(torch.isfinite(norm), norm, -1.0)
+
+    deepspeed_grad_norm = zero_optimizer.get_grad_norm_direct
+    zero_optimizer.get_grad_norm_direct = grad_norm
+    return True
+
+
 def _aligned(numel: int) -> bool:
     return numel % PACK_ALIGN == 0
 

@@ -6,7 +6,7 @@ Behaves like facebookresearch/mae_st `models_mae.py` (same masking, target and l
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Set, Tuple
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -64,6 +64,10 @@ class MaskedAutoencoderViT(VideoViTBackbone):
         self.t_pred_patch_size = t_patch_size * pred_t_dim // num_frames
         self.decoder_embed_dim = decoder_embed_dim
         self.decoder_depth = decoder_depth
+        # (frames, device) -> the target frames' index, made once: copied to the GPU at every step, it made the host
+        # wait there for the queued forward (a copy from pageable memory synchronises its stream). Not a buffer:
+        # ZeRO-3's consolidated state dict would export it, and pretrained checkpoints would no longer load.
+        self._frame_indexes: Dict[Tuple[int, torch.device], torch.Tensor] = {}
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
@@ -123,9 +127,17 @@ class MaskedAutoencoderViT(VideoViTBackbone):
         x = x.reshape(n, t, h, w, u, p, p, c).permute(0, 7, 1, 4, 2, 5, 3, 6)  # n c t u h p w q
         return x.reshape(n, c, t * u, h * p, w * p)
 
+    def frame_index(self, frames: int) -> torch.Tensor:
+        """The pred_t_dim of `frames` frames the decoder reconstructs (on the CPU): evenly spaced, truncated like the
+        original."""
+        return torch.linspace(0, frames - 1, self.pred_t_dim, device="cpu").long()
+
     def target_frames(self, clips: torch.Tensor) -> torch.Tensor:
-        """The pred_t_dim frames the decoder reconstructs: evenly spaced over T, indices truncated like the original."""
-        index = torch.linspace(0, clips.shape[2] - 1, self.pred_t_dim).long().to(clips.device)
+        """The decoder's target frames of (N, C, T, H, W) clips."""
+        key = (clips.shape[2], clips.device)
+        index = self._frame_indexes.get(key)
+        if index is None:
+            index = self._frame_indexes[key] = self.frame_index(clips.shape[2]).to(clips.device)
         return torch.index_select(clips, 2, index)
 
     def prediction_target(self, clips: torch.Tensor) -> torch.Tensor:
