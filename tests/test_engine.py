@@ -375,7 +375,8 @@ def test_a_nan_loss_on_one_zero3_rank_is_skipped_on_both_and_a_sigterm_stops_bot
     """README's promise for a NaN/inf loss, on real ZeRO-3 engines on 2 CPU ranks, rank 1's second batch NaN:
     the step is skipped and counted on every rank, and the next steps' losses are those of a run that never met
     the bad batch. train.py's ZeRO-3 default leaves the skip to the engine's gradient-norm check (no host sync
-    before backward) and agrees on a SIGTERM of one rank a step later; the host check (other stages) at once."""
+    before backward) and agrees on a SIGTERM of one rank a step later; the host check (other stages) at once. A
+    SIGTERM during an evaluation is agreed on at the epoch's end, which saves and stops both ranks."""
     report = two_rank_report("tests/zero3_skip_and_stop.py", tmp_path, port_offset=13)
     assert report["world size"] == 2
     clean = report["without the bad batch"]["ranks"][0]["losses"]
@@ -386,3 +387,5 @@ def test_a_nan_loss_on_one_zero3_rank_is_skipped_on_both_and_a_sigterm_stops_bot
             losses = rank["losses"]
             assert math.isnan(losses[1]) and losses[:1] + losses[2:] == pytest.approx(clean, rel=1e-6), way
             assert rank["stopping"] == [False] * stops_at + [True] * (4 - stops_at), way
+    # SIGTERMed during an evaluation: both ranks save the epoch at once (none was due) and stop
+    assert report["stopped at the epoch's end"]["ranks"] == [{"stopped": True, "tags": ["step000000001"]}] * 2

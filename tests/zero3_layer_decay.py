@@ -58,14 +58,18 @@ def losses(env, layer_decay: float, overrides: EngineOverrides, clip_grad: float
             "optimizer": type(inner).__name__}
 
 
+def report_path() -> Path:
+    """The JSON path given as the script's only argument (the launcher adds --local_rank=N)."""
+    return Path(next(arg for arg in sys.argv[1:] if not arg.startswith("--")))
+
+
 def write_rank0_report(make_report) -> None:
     """Starts the launcher's world, has every rank build `make_report(env)`, and rank 0 write it as JSON to the path
     given as the script's only argument."""
     env = init_distributed()
     report = make_report(env)
     if env.is_main:
-        out = next(arg for arg in sys.argv[1:] if not arg.startswith("--"))  # the launcher adds --local_rank=N
-        Path(out).write_text(json.dumps(report))
+        report_path().write_text(json.dumps(report))
     shutdown_distributed()
 
 

@@ -161,10 +161,21 @@ class Trainer:
         self.logger.end_epoch()
 
     def save_at_epoch_end(self, state: TrainState) -> None:
-        """Call after the epoch's evaluation, so the saved state includes its result."""
+        """Call after the epoch's evaluation, so the saved state includes its result. A SIGTERM since the last step
+        (during evaluation, say) is agreed on here at once, so the run saves and stops now rather than two steps
+        into the next epoch (the step votes are read a step late); after the last epoch the run ends anyway."""
+        if state.epoch < self.cfg.optim.epochs:
+            self.stopping = self.stopping or self._any_rank_stopped_now()
         epoch_due = state.epoch % self.cfg.run.checkpoint_period == 0 or state.epoch == self.cfg.optim.epochs
         self.save_pending = self.save_pending or epoch_due
         self._save_if_due(state)
+
+    def _any_rank_stopped_now(self) -> bool:
+        """Whether any rank was SIGTERMed, agreed by all ranks now: one host sync, once an epoch."""
+        flag = torch.zeros(1, device=self.env.device)
+        if self.stop.requested:
+            flag.fill_(1.0)
+        return bool(any_rank(flag)[0])
 
     def _batches_from(self, loader: Iterable, state: TrainState) -> Iterator:
         """This epoch's batches from state.step_in_epoch on (a resumed run's position)."""
