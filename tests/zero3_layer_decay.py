@@ -80,7 +80,7 @@ def layer_decay_report(env) -> dict:
             "modules walked": losses(env, 0.75, EngineOverrides(list_params_once=False)),
             "no layer decay": losses(env, 1.0, EngineOverrides()),
             "zero 0": losses(env, 0.75, EngineOverrides(zero_stage=0)),
-            # clipped in every step (the norms are ~1): a wrong norm would change the losses too
+            # clipped in every step (the norms are ~5): a wrong norm would change the losses too
             "clipped": losses(env, 0.75, EngineOverrides(), clip_grad=0.01),
             "clipped, DeepSpeed's norm": losses(env, 0.75, EngineOverrides(device_grad_norm=False), clip_grad=0.01)}
 
