@@ -459,7 +459,7 @@ def measure_in_child(name: str, mode: str, model: str, clips: int, args, peak: f
                   "--warmup": args.warmup, "--profile_steps": args.profile_steps, "--lr": args.lr,
                   "--python_profile_steps": args.python_profile_steps, "--phase_steps": args.phase_steps,
                   "--leaf_lists_ab": args.leaf_lists_ab, "--matmul_tflops": peak, "--out": out,
-                  **({"--clip_grad": args.clip_grad} if args.clip_grad else {})}
+                  **({"--clip_grad": args.clip_grad} if args.clip_grad is not None else {})}
         command = [sys.executable, __file__] + [str(x) for kv in passed.items() for x in kv] + \
             (["--tiny"] if args.tiny else [])
         env = {k: v for k, v in os.environ.items() if k not in WORLD_ENV}  # the child starts its own world
@@ -518,6 +518,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="each variant in its own process (a variant slows the ones after it in one process)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile_step.json"))
     args = parser.parse_args(argv)
+    if args.clip_grad is not None and args.clip_grad <= 0:  # torch would flip the gradients, DeepSpeed not clip
+        parser.error(f"--clip_grad {args.clip_grad}: must be > 0 (leave it out to not clip)")
     if args.list:
         for name, variant in VARIANTS.items():
             print(f"{name:<21}{variant.doc}")

@@ -125,6 +125,19 @@ def any_rank(flags: torch.Tensor) -> torch.Tensor:
     return flags > 0
 
 
+def any_rank_now(flag: bool, device: torch.device) -> bool:
+    """`any_rank` of one host flag, read at once: a host sync (fine once an epoch or an evaluation batch)."""
+    return bool(any_rank(device_flag(flag, device))[0])
+
+
+def device_flag(flag: bool, device: torch.device) -> torch.Tensor:
+    """A 0/1 float on `device`, written by a kernel: a tensor made from the host value would be a synchronous copy."""
+    local = torch.zeros(1, device=device)
+    if flag:
+        local.fill_(1.0)
+    return local
+
+
 class DeferredAnyRank:
     """`any_rank` of one flag a call, without the host waiting for the GPU: each call reduces its flag on the device
     and copies the result to host memory behind an event, and returns the previous call's result (False at the
@@ -136,10 +149,7 @@ class DeferredAnyRank:
 
     def __call__(self, flag: bool) -> bool:
         previous = self._collect()
-        local = torch.zeros(1, device=self.device)
-        if flag:
-            local.fill_(1.0)  # a kernel, where a tensor made from the host value would be a synchronous copy
-        agreed = any_rank(local)
+        agreed = any_rank(device_flag(flag, self.device))
         if self.device.type == "cuda":
             host = torch.empty(1, dtype=torch.bool, pin_memory=True)
             host.copy_(agreed, non_blocking=True)

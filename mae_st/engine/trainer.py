@@ -24,7 +24,7 @@ from mae_st.config import JobConfig
 from mae_st.data.augment import BatchTransform
 from mae_st.data.views import MultiViewAggregator
 from mae_st.engine.checkpoint import save_checkpoint
-from mae_st.engine.distributed import DeferredAnyRank, DistEnv, any_rank, seed_step
+from mae_st.engine.distributed import DeferredAnyRank, DistEnv, any_rank, any_rank_now, seed_step
 from mae_st.engine.metrics import IntervalMeter, RunLogger
 from mae_st.engine.schedule import apply_lr, lr_at
 
@@ -164,18 +164,11 @@ class Trainer:
         """Call after the epoch's evaluation, so the saved state includes its result. A SIGTERM since the last step
         (during evaluation, say) is agreed on here at once, so the run saves and stops now rather than two steps
         into the next epoch (the step votes are read a step late); after the last epoch the run ends anyway."""
-        if state.epoch < self.cfg.optim.epochs:
-            self.stopping = self.stopping or self._any_rank_stopped_now()
+        if state.epoch < self.cfg.optim.epochs:  # one host sync an epoch
+            self.stopping = self.stopping or any_rank_now(self.stop.requested, self.env.device)
         epoch_due = state.epoch % self.cfg.run.checkpoint_period == 0 or state.epoch == self.cfg.optim.epochs
         self.save_pending = self.save_pending or epoch_due
         self._save_if_due(state)
-
-    def _any_rank_stopped_now(self) -> bool:
-        """Whether any rank was SIGTERMed, agreed by all ranks now: one host sync, once an epoch."""
-        flag = torch.zeros(1, device=self.env.device)
-        if self.stop.requested:
-            flag.fill_(1.0)
-        return bool(any_rank(flag)[0])
 
     def _batches_from(self, loader: Iterable, state: TrainState) -> Iterator:
         """This epoch's batches from state.step_in_epoch on (a resumed run's position)."""
@@ -284,7 +277,7 @@ def evaluate(engine, loader: Iterable, num_classes: int, device: torch.device, d
     batches, last = iter(loader), None
     while True:
         batch = next(batches, None)
-        if not any_rank(torch.tensor([batch is not None], device=device))[0]:
+        if not any_rank_now(batch is not None, device):
             break
         if batch is None and last is None:
             raise RuntimeError("this rank has no evaluation videos while others do; use fewer ranks or more videos")

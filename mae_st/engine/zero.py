@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from deepspeed.runtime.zero.utils import get_norm_dtype
 from deepspeed.utils import set_z3_leaf_modules
 
 from mae_st.engine.optim import LayerScaledAdamW
@@ -97,7 +98,6 @@ def take_grad_norms_on_device(zero_optimizer: Any) -> bool:
             or getattr(zero_optimizer, "model_parallel_group", None) is not None
             or not hasattr(zero_optimizer, "get_grad_norm_direct")):
         return False
-    from deepspeed.runtime.zero.utils import get_norm_dtype
 
     def grad_norm(gradients: List[torch.Tensor], params: List[nn.Parameter], norm_type: float = 2) -> torch.Tensor:
         if (not gradients or float(norm_type) != 2.0
