@@ -101,6 +101,10 @@ VARIANTS: Dict[str, Variant] = {
                                "auto's choice for finetuning)", EngineOverrides(compile_blocks="stack")),
     "z3-blockcompile": Variant("z3 with each block's forward compiled (--compile_blocks on, auto's choice for "
                                "pretraining)", EngineOverrides(compile_blocks="on")),
+    "z3-graphs": Variant("z3 with the compiled blocks replaying CUDA graphs (torch.compile reduce-overhead)",
+                         EngineOverrides(compile_cuda_graphs=True)),
+    "z3-stackgraphs": Variant("z3 with each block stack compiled as one graph that replays a CUDA graph",
+                              EngineOverrides(compile_blocks="stack", compile_cuda_graphs=True)),
     "z3-nocompile": Variant("z3 with --compile_blocks off (what train.py ran before 2026-12-01 fifth)",
                             EngineOverrides(compile_blocks="off")),
     "z3-blockpack": Variant("z3 with two flat tensors a block instead of a block stack (before 2026-12-01 fifth)",
@@ -204,7 +208,11 @@ def make_step(variant: Variant, cfg: JobConfig, env, lr: float):
                       StopSignal(), check_loss_first=variant.check_loss_first or None)
     state = TrainState()
 
+    graphs = variant.engine.compile_cuda_graphs
+
     def engine_step(clips, targets):
+        if graphs:  # a new step: CUDA graph trees may reuse the previous step's output memory
+            torch.compiler.cudagraph_mark_step_begin()
         return trainer._micro_step(clips, targets, state)
 
     engine_step.phases = {"forward": built.engine, "backward": built.engine, "step": built.engine}

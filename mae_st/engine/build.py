@@ -63,6 +63,8 @@ class EngineOverrides:
     # ZeRO-3's gradient norm in one fp32-accumulated kernel, no fp64 copies or host syncs (mae_st.engine.zero); False
     # is DeepSpeed's own loop
     device_grad_norm: bool = True
+    # compiled blocks replay CUDA graphs (torch.compile mode="reduce-overhead")
+    compile_cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.leaves not in LEAVES:
@@ -136,7 +138,8 @@ def build_train_model(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides =
     scope = compile_scope(cfg.run.compile_blocks, cfg.run.mode, env)
     if scope is not None:
         log.info("compiling the forward of %d transformer blocks (torch.compile, %s; --compile_blocks off turns it "
-                 "off)", compile_blocks(model, whole_stacks=scope == "stack"),
+                 "off)", compile_blocks(model, whole_stacks=scope == "stack",
+                                        cuda_graphs=overrides.compile_cuda_graphs),
                  "each block stack as one graph" if scope == "stack" else "one graph shared by the blocks")
     return model
 
