@@ -94,17 +94,15 @@ VARIANTS: Dict[str, Variant] = {
     "eager-compile": Variant("eager + torch.compile of every block's forward (what train.py's --compile_blocks on "
                              "does)", compile_blocks=True),
     "z3": Variant("train.py's engine: ZeRO-3 bf16, packed block stacks, block-stack leaves, aligned views, blocks "
-                  "compiled on a GPU (--compile_blocks auto)", EngineOverrides()),
+                  "compiled on a GPU (--compile_blocks auto: on one GPU, stacks replaying CUDA graphs)",
+                  EngineOverrides()),
     "z3-presync": Variant("z3 with the loss checked for NaN/inf on the host before backward, one more sync a step "
                           "(train.py before 2026-12-01 sixth)", EngineOverrides(), check_loss_first=True),
-    "z3-stackcompile": Variant("z3 with each block stack's forward compiled as one graph (--compile_blocks stack, "
-                               "auto's choice for finetuning)", EngineOverrides(compile_blocks="stack")),
+    "z3-stackcompile": Variant("z3 with each block stack's forward compiled as one graph, no CUDA graphs "
+                               "(--compile_blocks stack, auto's choice for finetuning on several GPUs)",
+                               EngineOverrides(compile_blocks="stack")),
     "z3-blockcompile": Variant("z3 with each block's forward compiled (--compile_blocks on, auto's choice for "
-                               "pretraining)", EngineOverrides(compile_blocks="on")),
-    "z3-graphs": Variant("z3 with the compiled blocks replaying CUDA graphs (torch.compile reduce-overhead)",
-                         EngineOverrides(compile_cuda_graphs=True)),
-    "z3-stackgraphs": Variant("z3 with each block stack compiled as one graph that replays a CUDA graph",
-                              EngineOverrides(compile_blocks="stack", compile_cuda_graphs=True)),
+                               "pretraining on several GPUs)", EngineOverrides(compile_blocks="on")),
     "z3-nocompile": Variant("z3 with --compile_blocks off (what train.py ran before 2026-12-01 fifth)",
                             EngineOverrides(compile_blocks="off")),
     "z3-blockpack": Variant("z3 with two flat tensors a block instead of a block stack (before 2026-12-01 fifth)",
@@ -208,11 +206,7 @@ def make_step(variant: Variant, cfg: JobConfig, env, lr: float):
                       StopSignal(), check_loss_first=variant.check_loss_first or None)
     state = TrainState()
 
-    graphs = variant.engine.compile_cuda_graphs
-
     def engine_step(clips, targets):
-        if graphs:  # a new step: CUDA graph trees may reuse the previous step's output memory
-            torch.compiler.cudagraph_mark_step_begin()
         return trainer._micro_step(clips, targets, state)
 
     engine_step.phases = {"forward": built.engine, "backward": built.engine, "step": built.engine}

@@ -119,7 +119,7 @@ class OptimConfig:
     accum_iter: int = 1
 
 
-COMPILE_BLOCKS = ("auto", "on", "stack", "off")  # RunConfig.compile_blocks
+COMPILE_BLOCKS = ("auto", "on", "stack", "graphs", "off")  # RunConfig.compile_blocks
 
 
 @dataclass
@@ -365,9 +365,9 @@ def _add_run_flags(r) -> None:
     _value(r, "--local_rank", "run.local_rank", int, "the process's GPU on its node; the DeepSpeed launcher passes "
            "it, never needed by hand")
     _value(r, "--compile_blocks", "run.compile_blocks", str, "torch.compile the transformer blocks: on (each "
-           "block's forward), stack (each block stack's forward as one graph), off, or auto (on CUDA GPUs: stack "
-           "for finetuning, on for pretraining); the first step takes seconds to a minute longer while it "
-           "compiles", choices=COMPILE_BLOCKS)
+           "block's forward), stack (each block stack's forward as one graph), graphs (stack, replaying CUDA graphs), "
+           "off, or auto (on one CUDA GPU: graphs; on several: stack for finetuning, on for pretraining); the first "
+           "step takes seconds to a minute and a half longer while it compiles", choices=COMPILE_BLOCKS)
     _switch(r, "fuse_block_params", "run.fuse_block_params", "pack each transformer block's parameters into two "
             "flat tensors inside the engine (fewer tensors for DeepSpeed); exports keep the usual names")
     _flag(r, "--eval", "run.eval_only", True, "only evaluate (--finetune weights or --resume checkpoint) on "

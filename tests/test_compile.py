@@ -69,8 +69,9 @@ def test_drop_paths_become_one_buffered_kind_that_keeps_the_expectation():
 
 
 def test_the_engine_builder_compiles_where_the_flag_says_and_trains_the_same(monkeypatch):
-    """--compile_blocks: auto compiles on a GPU only, whole stacks for finetuning and each block for pretraining;
-    'on' and 'stack' on this CPU give real ZeRO-3 steps with the losses of the uncompiled engine."""
+    """--compile_blocks: auto compiles on GPUs only, on one GPU stacks replaying CUDA graphs, on several whole
+    stacks for finetuning and each block for pretraining; 'on', 'stack' and 'graphs' (which on a CPU compiles
+    without CUDA graphs) give real ZeRO-3 steps on this CPU with the losses of the uncompiled engine."""
     from benchmarks.gemm_alignment import one_rank_world_env, start_one_rank_world
 
     # a world of one whose variables go when the test ends: later subprocesses (the demo's train.py) must not
@@ -78,7 +79,9 @@ def test_the_engine_builder_compiles_where_the_flag_says_and_trains_the_same(mon
     for key, value in one_rank_world_env().items():
         monkeypatch.setenv(key, value)
     gpu, cpu = DistEnv(0, 1, 0, torch.device("cuda", 0)), DistEnv(0, 1, 0, torch.device("cpu"))
-    assert (compile_scope("auto", "finetune", gpu), compile_scope("auto", "pretrain", gpu)) == ("stack", "block")
+    gpus = DistEnv(1, 2, 1, torch.device("cuda", 1))
+    assert (compile_scope("auto", "finetune", gpu), compile_scope("auto", "pretrain", gpu)) == ("graphs", "graphs")
+    assert (compile_scope("auto", "finetune", gpus), compile_scope("auto", "pretrain", gpus)) == ("stack", "block")
     assert compile_scope("auto", "finetune", cpu) is None and compile_scope("off", "pretrain", gpu) is None
     assert (compile_scope("on", "finetune", cpu), compile_scope("stack", "pretrain", cpu)) == ("block", "stack")
     env = start_one_rank_world()
@@ -87,11 +90,11 @@ def test_the_engine_builder_compiles_where_the_flag_says_and_trains_the_same(mon
     cfg.model.decoder_embed_dim, cfg.model.decoder_depth, cfg.model.decoder_num_heads = 32, 1, 4
     cfg.model.pred_t_dim, cfg.data.batch_size_per_gpu = 4, 2
     losses = {}
-    for setting in ("off", "on", "stack"):
+    for setting in ("off", "on", "stack", "graphs"):
         built = build_engine(cfg, env, EngineOverrides(compile_blocks=setting))
         try:
             assert all(is_compiled(b) for b in transformer_blocks(built.model)) == (setting == "on")
-            assert is_compiled(built.model.blocks) == (setting == "stack")
+            assert is_compiled(built.model.blocks) == (setting in ("stack", "graphs"))
             clips = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
             torch.manual_seed(1)
             losses[setting] = []
@@ -104,3 +107,4 @@ def test_the_engine_builder_compiles_where_the_flag_says_and_trains_the_same(mon
             built.engine.destroy()
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-5)
     assert losses["stack"] == pytest.approx(losses["off"], rel=1e-5)
+    assert losses["graphs"] == pytest.approx(losses["off"], rel=1e-5)

@@ -63,8 +63,6 @@ class EngineOverrides:
     # ZeRO-3's gradient norm in one fp32-accumulated kernel, no fp64 copies or host syncs (mae_st.engine.zero); False
     # is DeepSpeed's own loop
     device_grad_norm: bool = True
-    # compiled blocks replay CUDA graphs (torch.compile mode="reduce-overhead")
-    compile_cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.leaves not in LEAVES:
@@ -91,13 +89,22 @@ def effective_config(cfg: JobConfig, overrides: EngineOverrides) -> JobConfig:
 
 
 def compile_scope(setting: str, mode: str, env: DistEnv) -> Optional[str]:
-    """RunConfig.compile_blocks for this process: None (not compiled), "block" (each block's forward) or "stack"
-    (each block stack's forward, one graph). "auto" compiles on a CUDA GPU only: whole stacks for finetuning, each
-    block for pretraining, the faster of the two for each on an H200 (docs/performance.md, 2026-12-01 sixth:
-    stacks 1.01-1.02x ViT-H/14 and 1.10x ViT-B/16 finetuning, 0.91x the 16-clip ViT-H/14 pretraining step)."""
+    """RunConfig.compile_blocks for this process: None (not compiled), "block" (each block's forward), "stack"
+    (each block stack's forward, one graph) or "graphs" (stacks whose compiled forward and backward replay CUDA
+    graphs: one launch a stack instead of one a kernel).
+
+    "auto" compiles on CUDA GPUs only. On one GPU, graphs: the 16-clip ViT-H/14 pretraining step is host-bound, and
+    graphs ran it at 1.31x plain stacks, 1.63x eager PyTorch; finetuning 1.01x (docs/performance.md, 2026-12-02).
+    On several GPUs ZeRO-3 gathers each stack's weights into buffers it allocates at every fetch, where a graph
+    would read a stale address or re-record (not measured), so auto keeps plain compiles there: whole stacks for
+    finetuning, each block for pretraining (2026-12-01 sixth: stacks 1.01-1.10x finetuning, 0.91x pretraining)."""
     if setting == "auto":
-        return ("stack" if mode == "finetune" else "block") if env.on_gpu else None
-    return {"on": "block", "stack": "stack", "off": None}[setting]
+        if not env.on_gpu:
+            return None
+        if env.world_size == 1:
+            return "graphs"
+        return "stack" if mode == "finetune" else "block"
+    return {"on": "block", "stack": "stack", "graphs": "graphs", "off": None}[setting]
 
 
 def build_ds_config(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides = EngineOverrides()) -> Dict[str, Any]:
@@ -138,9 +145,9 @@ def build_train_model(cfg: JobConfig, env: DistEnv, overrides: EngineOverrides =
     scope = compile_scope(cfg.run.compile_blocks, cfg.run.mode, env)
     if scope is not None:
         log.info("compiling the forward of %d transformer blocks (torch.compile, %s; --compile_blocks off turns it "
-                 "off)", compile_blocks(model, whole_stacks=scope == "stack",
-                                        cuda_graphs=overrides.compile_cuda_graphs),
-                 "each block stack as one graph" if scope == "stack" else "one graph shared by the blocks")
+                 "off)", compile_blocks(model, whole_stacks=scope != "block", cuda_graphs=scope == "graphs"),
+                 {"block": "one graph shared by the blocks", "stack": "each block stack as one graph",
+                  "graphs": "each block stack as one graph, replayed as a CUDA graph"}[scope])
     return model
 
 

@@ -191,6 +191,7 @@ class Trainer:
         `.item()` per step would make the host wait for the GPU to finish the step before launching the next one.
         Where the engine skips non-finite steps itself (ZeRO-3), nothing here waits for the GPU: whether the step
         was skipped comes from the engine's own norm check, and the ranks' stop votes arrive a step late."""
+        begin_graph_step()
         loss = self.loss_fn(self.engine, clips.to(self.dtype), targets)
         if self.check_loss_first:
             return self._step_if_finite(loss, state)
@@ -282,12 +283,20 @@ def evaluate(engine, loader: Iterable, num_classes: int, device: torch.device, d
         if batch is None and last is None:
             raise RuntimeError("this rank has no evaluation videos while others do; use fewer ranks or more videos")
         clips = (batch or last).clips
+        begin_graph_step()
         logits = engine(clips.to(dtype))
         if batch is not None:
             aggregator.update(logits, batch.labels, batch.video_ids)
             last = batch
     aggregator.all_gather()
     return aggregator.accuracy()
+
+
+def begin_graph_step() -> None:
+    """Tells CUDA graph trees (compiled blocks replaying CUDA graphs, --compile_blocks graphs) that a new step
+    begins: the previous step's graph outputs are dead, so their memory may be reused. Without it, a replay while an
+    output the trees think alive is pending re-records or fails. Nothing happens where no graph is recorded."""
+    torch.compiler.cudagraph_mark_step_begin()
 
 
 def _finite_or_none(value) -> Optional[float]:
