@@ -95,8 +95,8 @@ def compile_scope(setting: str, mode: str, env: DistEnv) -> Optional[str]:
 
     "auto" compiles on CUDA GPUs only. On one GPU, graphs: the 16-clip ViT-H/14 pretraining step is host-bound, and
     graphs ran it at 1.31x plain stacks, 1.63x eager PyTorch; finetuning 1.01x (docs/performance.md, 2026-12-02).
-    On several GPUs ZeRO-3 gathers each stack's weights into buffers it allocates at every fetch, where a graph
-    would read a stale address or re-record (not measured), so auto keeps plain compiles there: whole stacks for
+    On several GPUs ZeRO-3 gathers each stack's weights into buffers it allocates at every fetch, and a graph
+    re-records when a weight's address changes (not measured), so auto keeps plain compiles there: whole stacks for
     finetuning, each block for pretraining (2026-12-01 sixth: stacks 1.01-1.10x finetuning, 0.91x pretraining)."""
     if setting == "auto":
         if not env.on_gpu:

@@ -9,6 +9,12 @@ measurements (docs/performance.md, 2026-12-01 fifth). A whole stack is one compi
 instead of one a block: 1.01-1.02x the per-block step for ViT-H/14 finetuning and 1.10x for ViT-B/16, but 0.91x
 for 16-clip ViT-H/14 pretraining, and its first step compiles for about a minute (2026-12-01 sixth).
 
+Even compiled, the 16-clip pretraining step spent more time launching kernels on the host than the GPU spent
+running them. With CUDA graphs (mode="reduce-overhead") a compiled stack's forward and its backward are one
+replay each: that step ran 1.31x the plain stacks and its kernels filled 97 % of it (2026-12-02). A graph reads its
+weights at the addresses it recorded; compiled parameters are static inputs, which holds on one GPU, where ZeRO-3
+hands out views into one flat buffer (mae_st.engine.build.compile_scope picks graphs only there).
+
 timm's DropPath keeps its rate as a Python float, which torch.compile specialises on: the finetuning model's blocks
 (rates 0 .. drop_path_rate) would each compile their own graph, past dynamo's recompile limit (8), after which the
 remaining blocks silently run uncompiled. Compiled blocks get `BufferedDropPath` instead, the same per-sample keep
