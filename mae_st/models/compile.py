@@ -12,8 +12,9 @@ for 16-clip ViT-H/14 pretraining, and its first step compiles for about a minute
 Even compiled, the 16-clip pretraining step spent more time launching kernels on the host than the GPU spent
 running them. With CUDA graphs (mode="reduce-overhead") a compiled stack's forward and its backward are one
 replay each: that step ran 1.31x the plain stacks and its kernels filled 97 % of it (2026-12-02). A graph reads its
-weights at the addresses it recorded; compiled parameters are static inputs, which holds on one GPU, where ZeRO-3
-hands out views into one flat buffer (mae_st.engine.build.compile_scope picks graphs only there).
+weights at the addresses it recorded (torch treats parameters as static inputs and re-records when one moves):
+that holds on one GPU, where ZeRO-3 hands out views into one flat buffer (compile_scope in mae_st.engine.build
+picks graphs only there).
 
 timm's DropPath keeps its rate as a Python float, which torch.compile specialises on: the finetuning model's blocks
 (rates 0 .. drop_path_rate) would each compile their own graph, past dynamo's recompile limit (8), after which the
